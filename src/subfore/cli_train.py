@@ -1,0 +1,1 @@
+"""Training commands (pretrain, finetune, evaluate, predict, study) — registered on the shared app."""

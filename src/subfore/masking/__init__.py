@@ -1,0 +1,43 @@
+"""Mask generators over a grid of subvolumes, the masked-input builder and the masked loss.
+
+    >>> gen = make_generator("foreground", ratio=0.6, size=16, threshold=0.1)
+    >>> mask = gen(x, generator=torch.Generator().manual_seed(0))   # (B, nz, ny, nx), True = masked
+    >>> loss = masked_l1(model(apply_mask(x, mask)), x, mask)
+"""
+
+from .base import REGISTRY, MaskGenerator, make_generator, register
+from .block import BlockMask
+from .foreground import ForegroundMask, parse_threshold
+from .grid import (
+    Window,
+    check_threshold,
+    expand_grid,
+    foreground_grid,
+    grid_shape,
+    otsu_thresholds,
+    subvolume_means,
+)
+from .ops import EMPTY_MASKS, apply_mask, masked_l1
+from .random import RandomMask, random_grid
+
+__all__ = [
+    "REGISTRY",
+    "EMPTY_MASKS",
+    "BlockMask",
+    "ForegroundMask",
+    "MaskGenerator",
+    "RandomMask",
+    "Window",
+    "apply_mask",
+    "check_threshold",
+    "expand_grid",
+    "foreground_grid",
+    "grid_shape",
+    "make_generator",
+    "masked_l1",
+    "otsu_thresholds",
+    "parse_threshold",
+    "random_grid",
+    "register",
+    "subvolume_means",
+]
