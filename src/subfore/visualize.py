@@ -12,7 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from monai.transforms import Compose  # noqa: E402
 
+from .data.dataset import load_item  # noqa: E402
 from .data.presets import Preset  # noqa: E402
 from .data.transforms import center_transforms, preprocess  # noqa: E402
 from .errors import DataError  # noqa: E402
@@ -23,7 +25,7 @@ from .masking.grid import otsu_thresholds  # noqa: E402
 
 def load_crop(image: str | Path, preset: Preset, roi: Sequence[int]) -> torch.Tensor:
     """Preprocess one volume and take its central ROI crop (padded when smaller): (1, C, *roi), normalised."""
-    data = center_transforms(preset, roi)({"image": str(image)})
+    data = load_item(center_transforms(preset, roi), {"image": str(image)})
     return torch.as_tensor(data["image"]).float().unsqueeze(0)
 
 
@@ -136,9 +138,7 @@ def analyze(
         item = {"image": str(image)}
         if labels:
             item["label"] = str(labels[i])
-        from monai.transforms import Compose
-
-        data = Compose(preprocess(preset, keys))(item)
+        data = load_item(Compose(preprocess(preset, keys)), item)
         vol = torch.as_tensor(data["image"]).float()[0].numpy()
         if labels:
             lab = torch.as_tensor(data["label"])[0].numpy() > 0

@@ -1,0 +1,92 @@
+"""The command line as a user meets it: outputs written, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REAL_CT, REAL_SEG, needs_real_ct
+from helpers import write_nifti
+
+
+def run(*args, check=False):
+    proc = subprocess.run([sys.executable, "-m", "subfore.cli", *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+def test_phantoms_command_writes_dataset(tmp_path):
+    out = tmp_path / "ph"
+    run("phantoms", out, "--n", 2, "--seed", 3, "--spacing", "4,4,5", check=True)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert len(meta["training"]) + len(meta["validation"]) == 2
+    assert (out / "imagesTr" / "phantom_001.nii.gz").stat().st_size > 0
+
+
+def test_show_mask_on_phantom_writes_png_and_counts(phantom_dir, tmp_path):
+    png, js = tmp_path / "m.png", tmp_path / "m.json"
+    run("show-mask", phantom_dir / "imagesTr" / "phantom_000.nii.gz", "--out", png, "--json", js, check=True)
+    stats = json.loads(js.read_text())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stats["subvolumes"] == 216 and stats["threshold"] == pytest.approx(0.1)
+    assert stats["masked"] == round(0.6 * stats["foreground"])
+
+
+@needs_real_ct
+def test_show_mask_on_real_ct(tmp_path):
+    png, js = tmp_path / "real.png", tmp_path / "real.json"
+    run("show-mask", REAL_CT, "--out", png, "--json", js, "--seed", 1, check=True)
+    stats = json.loads(js.read_text())
+    assert stats["subvolumes"] == 216
+    # Real abdominal CT in a 96³ crop at 1.5 mm: air around the body is background, the body is not.
+    assert 0 < stats["foreground"] < stats["subvolumes"]
+    assert stats["masked"] == round(0.6 * stats["foreground"])
+    assert png.stat().st_size > 10_000
+
+
+@needs_real_ct
+def test_analyze_real_ct_with_labels(tmp_path):
+    run("analyze", REAL_CT, "--labels", REAL_SEG, "--out", tmp_path, check=True)
+    result = json.loads((tmp_path / "analysis.json").read_text())
+    ent = result["mean_entropy_bits"]
+    assert ent["foreground"] > ent["background"]  # the paper's Fig. 3a claim, on real data
+    # Organs (lungs included in TotalSegmentator's labels) sit above λ far more often than background does.
+    assert result["organ_fraction_at_or_above_threshold"] > 0.8
+    assert result["organ_fraction_at_or_above_threshold"] > 1 - result["background_fraction_below_threshold"]
+    assert (tmp_path / "intensity.png").exists()
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda p: p / "missing.nii.gz", "missing.nii.gz: no such file"),
+        (lambda p: write_nifti(p / "flat.nii.gz", np.zeros((30, 30), np.int16)), "flat.nii.gz: expected a 3D volume"),
+        (lambda p: write_nifti(p / "nan.nii.gz", np.full((30, 30, 30), np.nan, np.float32)), "nan.nii.gz: contains"),
+        (lambda p: (p / "trunc.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage") and p / "trunc.nii.gz", "trunc.nii.gz"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, make, expected):
+    path = make(tmp_path)
+    proc = run("show-mask", path, "--out", tmp_path / "x.png")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_threshold_at_b_min_is_rejected_on_the_command_line(phantom_dir, tmp_path):
+    proc = run("show-mask", phantom_dir / "imagesTr" / "phantom_000.nii.gz", "--out", tmp_path / "x.png",
+               "--threshold", "0")
+    assert proc.returncode == 1 and "b_min" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run("--debug", "show-mask", tmp_path / "missing.nii.gz", "--out", tmp_path / "x.png")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
