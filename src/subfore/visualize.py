@@ -178,3 +178,26 @@ def analyze(
         result["background_fraction_below_threshold"] = float((bv < threshold).mean())
     _atomic_json(result, out / "analysis.json")
     return result
+
+
+def save_snapshot(views: dict, size: int, out: Path, step: int) -> None:
+    """Input, masked input, reconstruction and |error| for one crop, mid slices in three planes.
+
+    views: ``x``, ``x_in``, ``pred`` (1, C, D, H, W) normalised and ``mask`` (1, nz, ny, nx).
+    """
+    x, x_in, pred = (views[k][0, 0].numpy() for k in ("x", "x_in", "pred"))
+    err = np.abs(pred - x)
+    cols = [("input", x, "gray", (0, 1)), ("masked input", np.clip(x_in, 0, 1), "gray", (0, 1)),
+            ("reconstruction", pred, "gray", (0, 1)), ("|error|", err, "magma", (0, 0.5))]
+    fig, axes = plt.subplots(3, 4, figsize=(12, 9))
+    for c, (title, vol, cmap, (lo, hi)) in enumerate(cols):
+        for r, (plane, sl) in enumerate(mid_planes(vol)):
+            ax = axes[r, c]
+            ax.imshow(sl, cmap=cmap, vmin=lo, vmax=hi, origin="lower")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(title)
+            if c == 0:
+                ax.text(2, 2, plane, color="yellow", fontsize=8)
+    fig.suptitle(f"step {step}: {int(views['mask'].sum())} of {views['mask'].numel()} subvolumes masked")
+    _atomic_savefig(fig, Path(out))
