@@ -14,7 +14,7 @@ from helpers import write_nifti
 
 
 def run(*args, check=False):
-    proc = subprocess.run([sys.executable, "-m", "subfore.cli", *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "subfore", *map(str, args)], capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc

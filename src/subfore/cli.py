@@ -151,7 +151,3 @@ def _one_line(exc: BaseException) -> str:
         last = lines[-1]
         return last.split(": ", 1)[1] if ": " in last else last
     return lines[0]
-
-
-if __name__ == "__main__":
-    main()

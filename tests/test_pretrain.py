@@ -1,0 +1,157 @@
+"""Few-step pretraining runs on phantoms: artifacts, export, resume, strategies and faults."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from monai.networks.nets import UNETR, SwinUNETR
+
+from subfore.config import load_config
+from subfore.errors import ConfigError, SubforeError
+from subfore.masking import REGISTRY
+from subfore.pretrain import pretrain
+
+
+def base_config(phantom_dir, tmp_path, **sections) -> dict:
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "data": {"train": str(phantom_dir / "dataset.json"), "roi": [32, 32, 32], "cache_dir": str(tmp_path / "cache"),
+                 "num_workers": 0},
+        "model": {"name": "basicunet", "feature_size": 4},
+        "masking": {"strategy": "foreground", "ratio": 0.6, "subvolume_size": 16},
+        "optim": {"warmup_steps": 1},
+        "train": {"max_steps": 2, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress_bar": False},
+    }
+    for key, value in sections.items():
+        cfg[key].update(value)
+    return cfg
+
+
+def run_cfg(tree, overrides=(), resume=None):
+    return pretrain(load_config(None, list(overrides), base=tree), resume=resume)
+
+
+def test_swinunetr_run_writes_every_artifact_and_exports_encoder(phantom_dir, tmp_path):
+    tree = base_config(
+        phantom_dir, tmp_path,
+        data={"roi": [64, 64, 64], "val": str(phantom_dir / "dataset.json")},
+        model={"name": "swinunetr", "feature_size": 12},
+        train={"max_steps": 3, "batch_size": 1, "ckpt_every": 2, "snapshot_every": 2, "val_every": 2},
+    )
+    encoder = run_cfg(tree)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["feature_size"] == 12
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3]
+    for r in train_lines:
+        assert {"step", "loss", "lr", "masked_fraction", "foreground_fraction", "fallbacks"} <= set(r)
+        assert 0 < r["masked_fraction"] <= r["foreground_fraction"] + 1e-6  # foreground masking: only fg is masked
+    assert any("val_loss" in r for r in lines)
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step_000001.png", "step_000002.png"]
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    # The exported encoder loads into MONAI's SwinUNETR with 14 classes, no swinViT key missing.
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_v2=True)
+    state = torch.load(encoder, weights_only=True)
+    result = net.load_state_dict(state, strict=False)
+    assert not [k for k in result.missing_keys if k.startswith("swinViT.")]
+    assert set(result.missing_keys) == {"out.conv.conv.weight", "out.conv.conv.bias"}
+    assert not result.unexpected_keys
+    assert torch.equal(net.swinViT.patch_embed.proj.weight, state["swinViT.patch_embed.proj.weight"])
+
+
+def test_unetr_encoder_export_loads_into_monai_unetr(phantom_dir, tmp_path):
+    vit = {"name": "unetr", "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4}
+    tree = base_config(phantom_dir, tmp_path, data={"roi": [64, 64, 64]}, model=vit, train={"batch_size": 1})
+    encoder = run_cfg(tree)
+    net = UNETR(in_channels=1, out_channels=14, img_size=(64, 64, 64), feature_size=8, hidden_size=96, mlp_dim=192,
+                num_heads=4)
+    result = net.load_state_dict(torch.load(encoder, weights_only=True), strict=False)
+    assert not [k for k in result.missing_keys if k.startswith("vit.")]
+    assert not result.unexpected_keys
+
+
+@pytest.mark.parametrize("strategy", sorted(REGISTRY))
+def test_each_registered_strategy_trains(phantom_dir, tmp_path, strategy):
+    tree = base_config(phantom_dir, tmp_path, masking={"strategy": strategy, "fill": "token"})
+    run_cfg(tree)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
+    masked = [r["masked_fraction"] for r in lines]
+    assert all(0 < m < 1 for m in masked)
+
+
+def test_resume_continues_step_count_and_optimizer_state(phantom_dir, tmp_path):
+    tree = base_config(phantom_dir, tmp_path, train={"max_steps": 3, "ckpt_every": 3})
+    run_cfg(tree)
+    ckpt_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    first = torch.load(ckpt_path, weights_only=False)
+    assert first["global_step"] == 3
+    adam_step = lambda ck: float(next(iter(ck["optimizer_states"][0]["state"].values()))["step"])  # noqa: E731
+    assert adam_step(first) == 3
+    run_cfg(tree, ["train.max_steps=5"], resume="last")
+    second = torch.load(ckpt_path, weights_only=False)
+    assert second["global_step"] == 5
+    assert adam_step(second) == 5  # continued from 3, not restarted
+    assert second["lr_schedulers"][0]["last_epoch"] == 5
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_non_finite_losses_stop_after_max_bad_steps(phantom_dir, tmp_path, monkeypatch):
+    import subfore.pretrain as engine
+
+    monkeypatch.setattr(engine, "masked_l1", lambda pred, target, mask: pred.sum() * float("nan"))
+    tree = base_config(phantom_dir, tmp_path, train={"max_steps": 5, "max_bad_steps": 3})
+    with pytest.raises(SubforeError, match="3 non-finite losses in a row"):
+        run_cfg(tree)
+
+
+def test_bad_data_file_stops_with_its_path_or_is_skipped(phantom_dir, tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00 not a volume")
+    good = str(phantom_dir / "imagesTr" / "phantom_000.nii.gz")
+    tree = base_config(phantom_dir, tmp_path, data={"train": [str(bad), good]}, train={"batch_size": 1})
+    with pytest.raises(SubforeError, match="broken.nii.gz"):
+        run_cfg(tree)
+    run_cfg(tree, ["data.skip_bad=true"])
+    assert (tmp_path / "run" / "encoder.pt").exists()
+
+
+def test_bad_config_keys_name_the_key(phantom_dir, tmp_path):
+    tree = base_config(phantom_dir, tmp_path)
+    with pytest.raises(ConfigError, match="unknown key 'masking.ratoi'"):
+        load_config(None, ["masking.ratoi=0.5"], base=tree)
+    with pytest.raises(ConfigError, match="'train.max_steps'"):
+        load_config(None, ["train.max_steps=many"], base=tree)
+    with pytest.raises(ConfigError, match="'masking.strategy'.*registered"):
+        load_config(None, ["masking.strategy=checkerboard"], base=tree)
+    with pytest.raises(ConfigError, match="missing key 'data.train'"):
+        load_config(None, [], base={"data": {}})
+    cfg = load_config(None, ["masking.threshold=-132.5 HU"], base=tree)
+    assert cfg.masking.threshold_kwargs() == {"threshold": None, "threshold_hu": -132.5}
+
+
+def test_swinunetr_rejects_small_roi_and_b_min_threshold(phantom_dir, tmp_path):
+    tree = base_config(phantom_dir, tmp_path, model={"name": "swinunetr", "feature_size": 12})
+    with pytest.raises(ConfigError, match="SwinUNETR needs every side ≥ 64"):
+        run_cfg(tree)
+    tree = base_config(phantom_dir, tmp_path, data={"window": [-175, 250, 0.1, 1.0]})
+    with pytest.raises(ValueError, match="b_min"):
+        run_cfg(tree)
+
+
+def test_cli_bad_key_is_one_line(phantom_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(phantom_dir, tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "subfore", "pretrain", "--config", str(cfg), "--set",
+                           "optim.learning_rate=1"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {cfg}: unknown key 'optim.learning_rate'"
