@@ -155,3 +155,23 @@ def test_cli_bad_key_is_one_line(phantom_dir, tmp_path):
                            "optim.learning_rate=1"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: {cfg}: unknown key 'optim.learning_rate'"
+
+
+@pytest.mark.parametrize("name", ["demo_cpu", "paper_swinunetr", "paper_unetr"])
+def test_shipped_configs_validate(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "pretrain" / f"{name}.yaml")
+    assert cfg.masking.strategy == "foreground" and cfg.masking.ratio == 0.6 and cfg.masking.subvolume_size == 16
+    if name.startswith("paper"):
+        assert cfg.data.roi == (96, 96, 96) and cfg.train.batch_size == 4
+        assert cfg.optim.lr == {"paper_swinunetr": 8e-4, "paper_unetr": 1e-4}[name]
+
+
+def test_paper_config_without_data_names_the_missing_datalist(tmp_path):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "pretrain" / "paper_swinunetr.yaml",
+                      [f"run_dir={tmp_path}"])
+    with pytest.raises(SubforeError, match="/path/to/BTCV/dataset.json: no such file"):
+        pretrain(cfg)

@@ -1,0 +1,184 @@
+"""Pretraining throughput: the Lightning engine vs a plain PyTorch loop over the same MONAI network.
+
+Both variants train on the same in-memory crops (so data loading is not measured), with the same
+mask generator, fill, loss, AdamW, gradient clipping and batch. Each variant runs in its own
+subprocess so that peak memory (max RSS on CPU, max allocated on CUDA) is its own. Also reports the
+share of a step spent building masks (generator + apply_mask).
+
+    python benchmarks/pretrain_throughput.py                       # SwinUNETR fs 12, 64³, batch 2 (CPU-sized)
+    python benchmarks/pretrain_throughput.py --paper               # SwinUNETR fs 48, 96³, batch 4 (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def make_config(args):
+    from subfore.config import load_config
+
+    tree = {
+        "run_dir": args.run_dir,
+        "seed": 0,
+        "data": {"train": "unused", "roi": [args.roi] * 3, "num_workers": 0, "cache_dir": None},
+        "model": {"name": args.model, "feature_size": args.feature_size, "hidden_size": 96 if args.model == "unetr" else 768,
+                  "mlp_dim": 192 if args.model == "unetr" else 3072, "num_heads": 4 if args.model == "unetr" else 12},
+        "masking": {"strategy": args.strategy},
+        "train": {"max_steps": args.warmup + args.steps, "batch_size": args.batch, "progress_bar": False,
+                  "ckpt_every": 10**9, "log_every": 10**9, "grad_clip": 1.0, "precision": args.precision},
+    }
+    return load_config(None, [], base=tree)
+
+
+def crops(args, device="cpu"):
+    """Phantom-like crops: a body ellipse of soft tissue in air, so foreground masking has work to do."""
+    g = torch.Generator().manual_seed(0)
+    n = args.batch * (args.warmup + args.steps)
+    r = args.roi
+    zz, yy, xx = torch.meshgrid(*(torch.linspace(-1, 1, r),) * 3, indexing="ij")
+    body = ((xx / 0.8) ** 2 + (yy / 0.6) ** 2 <= 1).float()
+    return [torch.clamp(0.5 * body + 0.05 * torch.randn(1, r, r, r, generator=g), 0, 1) for _ in range(n)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_plain(args) -> dict:
+    """A hand-written loop: the minimum the engine's step has to do."""
+    from subfore.masking import apply_mask, masked_l1
+    from subfore.pretrain import MaskedImageModel, warmup_cosine
+
+    cfg = make_config(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = MaskedImageModel(cfg).to(device)
+    net, masker = module.net, module.masker
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 0, cfg.train.max_steps))
+    data = crops(args)
+    gen = torch.Generator(device=device).manual_seed(0)
+    amp = args.precision.startswith("bf16")
+    t0 = None
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        x = torch.stack(data[i * args.batch : (i + 1) * args.batch]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            mask = masker(x, generator=gen)
+            pred = net(apply_mask(x, mask, "noise", generator=gen))
+            loss = masked_l1(pred.float(), x, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    # Mask share: time the mask path alone on the same batches.
+    sync(device)
+    t1 = time.perf_counter()
+    for i in range(args.steps):
+        x = torch.stack(data[i * args.batch : (i + 1) * args.batch]).to(device)
+        apply_mask(x, masker(x, generator=gen), "noise", generator=gen)
+    sync(device)
+    mask_time = time.perf_counter() - t1
+    return {"samples_per_s": args.steps * args.batch / elapsed, "step_s": elapsed / args.steps,
+            "mask_s": mask_time / args.steps, **peak(device)}
+
+
+def run_engine(args) -> dict:
+    """The real engine: Lightning Trainer + MaskedImageModel, fed the same crops."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    from subfore.pretrain import MaskedImageModel, resolve_precision
+
+    cfg = make_config(args)
+    data = [{"image": c} for c in crops(args)]
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    class Clock(Callback):
+        def on_train_batch_start(self, trainer, module, batch, i):
+            if trainer.global_step == args.warmup:
+                sync(device)
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, trainer, module):
+            sync(device)
+            self.elapsed = time.perf_counter() - self.t0
+
+    clock = Clock()
+    trainer = pl.Trainer(max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                         precision=resolve_precision(args.precision), callbacks=[clock], default_root_dir=args.run_dir)
+    trainer.fit(MaskedImageModel(cfg), loader)
+    return {"samples_per_s": args.steps * args.batch / clock.elapsed, "step_s": clock.elapsed / args.steps,
+            **peak(device)}
+
+
+def peak(device) -> dict:
+    if device.type == "cuda":
+        return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, "mem_kind": "CUDA max allocated"}
+    return {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "mem_kind": "max RSS"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="swinunetr", choices=["swinunetr", "unetr", "basicunet"])
+    p.add_argument("--feature-size", type=int, default=12)
+    p.add_argument("--roi", type=int, default=64)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--strategy", default="foreground")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--paper", action="store_true", help="SwinUNETR fs 48, 96³, batch 4")
+    p.add_argument("--variant", choices=["plain", "engine"], help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", default="/tmp/subfore-bench")
+    args = p.parse_args()
+    if args.paper:
+        args.model, args.feature_size, args.roi, args.batch = "swinunetr", 48, 96, 4
+    if args.precision == "auto":
+        from subfore.pretrain import resolve_precision
+
+        args.precision = resolve_precision("auto")
+    if args.variant:
+        print(json.dumps(run_plain(args) if args.variant == "plain" else run_engine(args)))
+        return
+    results = {}
+    for variant in ("plain", "engine"):
+        cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:] if a != "--paper"]
+        cmd += ["--model", args.model, "--feature-size", str(args.feature_size), "--roi", str(args.roi),
+                "--batch", str(args.batch), "--precision", args.precision]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if out.returncode:
+            sys.exit(out.stderr)
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    plain, engine = results["plain"], results["engine"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+    print(f"# {args.model} fs {args.feature_size}, {args.roi}³, batch {args.batch}, {args.strategy} masking, "
+          f"precision {args.precision}, {args.steps} timed steps after {args.warmup} warm-up; {device}; torch {torch.__version__}")
+    print("| variant | samples/s | s/step | peak memory (MB) |")
+    print("|---|---|---|---|")
+    for name, r in (("plain PyTorch loop", plain), ("subfore engine (Lightning)", engine)):
+        print(f"| {name} | {r['samples_per_s']:.3f} | {r['step_s']:.2f} | {r['peak_mem_mb']:.0f} ({r['mem_kind']}) |")
+    print(f"| engine / plain | {engine['samples_per_s'] / plain['samples_per_s']:.3f} | "
+          f"{engine['step_s'] / plain['step_s']:.3f} | {engine['peak_mem_mb'] / plain['peak_mem_mb']:.3f} |")
+    print(f"mask generation + apply_mask: {plain['mask_s'] * 1e3:.1f} ms per batch = "
+          f"{100 * plain['mask_s'] / plain['step_s']:.2f} % of a plain training step")
+
+
+if __name__ == "__main__":
+    main()
