@@ -81,6 +81,16 @@ class MaskingConfig(Strict):
     fill: Literal["noise", "zero", "mean", "token"] = "noise"
     exact: bool = True
     options: dict[str, Any] = Field(default_factory=dict, description="extra generator options")
+    # Teacher-guided strategies (anatomask, hpm).
+    gate: Literal["foreground"] | None = Field(None, description="only foreground subvolumes are candidates")
+    r0: float = Field(0.0, ge=0, le=1, description="hard share of the mask at step 0")
+    rT: float = Field(0.5, ge=0, le=1, description="hard share of the mask at train.max_steps")
+    schedule: Literal["easy-to-hard", "hard-to-easy"] = "easy-to-hard"
+    ema_momentum: float = Field(0.996, ge=0, le=1, description="teacher EMA momentum at step 0")
+    ema_momentum_end: float = Field(0.9999, ge=0, le=1)
+    ema_ramp: Literal["cosine", "linear"] = "cosine"
+    predictor_weight: float = Field(1.0, ge=0, description="hpm: weight of the loss-predictor ranking loss")
+    max_pairs: int = Field(256, ge=1, description="hpm: ranking pairs sampled per sample")
 
     @field_validator("strategy")
     @classmethod

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from monai.data import DataLoader
@@ -23,8 +25,9 @@ from .data.datalist import load_datalists
 from .data.dataset import make_dataset
 from .data.transforms import center_transforms, pretrain_transforms
 from .errors import SubforeError
-from .masking import EMPTY_MASKS, apply_mask, foreground_grid, make_generator, masked_l1
+from .masking import EMPTY_MASKS, apply_mask, foreground_grid, make_generator, masked_l1, random_grid
 from .masking.foreground import parse_threshold
+from .masking.teacher import TeacherGuidedMask, ema_momentum, ranking_loss, spearman
 from .models import build_backbone, check_roi, encoder_state, save_atomic
 
 log = logging.getLogger(__name__)
@@ -57,9 +60,11 @@ class MaskedImageModel(pl.LightningModule):
         m, mk = cfg.model, cfg.masking
         check_roi(m.name, cfg.data.roi, mk.subvolume_size)
         self.channels = cfg.data.channels
+        self.predicts_loss = mk.strategy == "hpm"
+        # HPM's loss predictor is one extra output channel, pooled per subvolume.
         self.net = build_backbone(
-            m.name, self.channels, self.channels, cfg.data.roi, m.feature_size, m.use_v2, m.checkpointing,
-            m.hidden_size, m.mlp_dim, m.num_heads, m.dropout,
+            m.name, self.channels, self.channels + int(self.predicts_loss), cfg.data.roi, m.feature_size, m.use_v2,
+            m.checkpointing, m.hidden_size, m.mlp_dim, m.num_heads, m.dropout,
         )
         self.mask_token = torch.nn.Parameter(torch.zeros(self.channels)) if mk.fill == "token" else None
         window = cfg.data.preset_obj().window
@@ -70,10 +75,19 @@ class MaskedImageModel(pl.LightningModule):
             options.setdefault("exact", mk.exact)
         if mk.strategy == "foreground":
             options.update(threshold=self.threshold, window=window)
+        if mk.strategy in ("anatomask", "hpm"):
+            options.update(threshold=self.threshold, window=window, gate=mk.gate, r0=mk.r0, rT=mk.rT,
+                           schedule=mk.schedule)
         try:
             self.masker = make_generator(mk.strategy, ratio=mk.ratio, size=mk.subvolume_size, **options)
         except ValueError as exc:
             raise SubforeError(f"masking: {exc}") from None
+        self.teacher = None
+        if isinstance(self.masker, TeacherGuidedMask):
+            # The EMA teacher: a frozen copy of the student, saved in checkpoints with the module's state.
+            self.teacher = copy.deepcopy(self.net).requires_grad_(False).eval()
+            self.masker.scorer = self.teacher_scores
+            self.masker.total_steps = cfg.train.max_steps
         self._rng: torch.Generator | None = None
         self._rng_state: torch.Tensor | None = None
         self.bad_in_a_row = 0
@@ -106,15 +120,63 @@ class MaskedImageModel(pl.LightningModule):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.fallbacks_total = state.get("fallbacks_total", 0)
 
+    # --- the teacher ----------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def per_subvolume(self, voxels: torch.Tensor) -> torch.Tensor:
+        """Mean over each subvolume and channel: (B, C, D, H, W) → (B, nz, ny, nx)."""
+        s = self.masker.size
+        return F.avg_pool3d(voxels.float(), s, s).mean(1)
+
+    @torch.no_grad()
+    def teacher_scores(self, x: torch.Tensor, candidates: torch.Tensor, generator) -> torch.Tensor:
+        """Per-subvolume difficulty (B, nz, ny, nx) from the EMA teacher; ``-inf`` where it gave no score.
+
+        AnatoMask: L1 error of the teacher's reconstruction under a random ρ mask of the candidates
+        (the same L1 target the student trains on). HPM: the teacher's predicted loss on the unmasked input.
+        """
+        if self.predicts_loss:
+            return self.per_subvolume(self.teacher(x)[:, self.channels :])
+        m = random_grid(tuple(candidates.shape), self.masker.ratio, x.device, generator, True, candidates)
+        pred = self.teacher(apply_mask(x, m, self._fill(), generator=generator))[:, : self.channels]
+        return self.per_subvolume((pred - x).abs()).masked_fill(~m, float("-inf"))
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.teacher is not None:
+            mk = self.cfg.masking
+            m = ema_momentum(self.global_step, self.cfg.train.max_steps, mk.ema_momentum, mk.ema_momentum_end,
+                             mk.ema_ramp)
+            with torch.no_grad():
+                t, s = list(self.teacher.parameters()), list(self.net.parameters())
+                torch._foreach_lerp_(t, s, 1.0 - m)
+
     # --- the step -----------------------------------------------------------------------------
+    def _fill(self):
+        return self.mask_token if self.mask_token is not None else self.cfg.masking.fill
+
     def reconstruct(self, x: torch.Tensor, generator: torch.Generator) -> dict:
         """Mask x (B, C, D, H, W), reconstruct it, and return the loss with what produced it."""
+        if self.teacher is not None:
+            self.masker.step = self.global_step
         mask = self.masker(x, generator=generator)
-        fill = self.mask_token if self.mask_token is not None else self.cfg.masking.fill
-        x_in = apply_mask(x, mask, fill, generator=generator)
-        pred = self.net(x_in)
+        x_in = apply_mask(x, mask, self._fill(), generator=generator)
+        out = self.net(x_in)
+        pred = out[:, : self.channels]
         loss = masked_l1(pred, x, mask)
-        return {"loss": loss, "mask": mask, "x_in": x_in, "pred": pred}
+        result = {"loss": loss, "recon_loss": loss, "mask": mask, "x_in": x_in, "pred": pred}
+        if self.predicts_loss:
+            predicted = self.per_subvolume(out[:, self.channels :]).flatten(1)
+            true = self.per_subvolume((pred - x).abs()).detach().flatten(1)
+            flat_mask = mask.flatten(1)
+            p_loss = ranking_loss(predicted, true, flat_mask, self.cfg.masking.max_pairs, generator)
+            result.update(loss=loss + self.cfg.masking.predictor_weight * p_loss, predictor_loss=p_loss,
+                          predicted=predicted, true=true)
+        return result
 
     def training_step(self, batch: dict, batch_idx: int):
         x = torch.as_tensor(batch["image"]).float()
@@ -146,7 +208,7 @@ class MaskedImageModel(pl.LightningModule):
             if fg is None:
                 fg = foreground_grid(x, self.masker.size, self.threshold).float().mean()
             self.last = {
-                "loss": float(loss.detach()),
+                "loss": float(out["recon_loss"].detach()),
                 "lr": lr,
                 "masked_fraction": float(out["mask"].float().mean()),
                 "foreground_fraction": float(fg),
@@ -154,6 +216,13 @@ class MaskedImageModel(pl.LightningModule):
                 "skipped_steps": self.skipped_steps,
                 "empty_masks": EMPTY_MASKS.value,
             }
+            if self.teacher is not None:
+                self.last["r_t"] = float(stats["r_t"])
+                self.last["teacher_fg_share"] = float(stats["teacher_fg_share"])
+            if self.predicts_loss:
+                sel = out["mask"].flatten(1)
+                self.last["predictor_loss"] = float(out["predictor_loss"].detach())
+                self.last["spearman"] = float(spearman(out["predicted"][sel].detach(), out["true"][sel]))
         if self._snapshot_now():
             self.last_views = {k: v[:1].detach().float().cpu() for k, v in (("x", x), ("x_in", out["x_in"]), ("pred", out["pred"]))}
             self.last_views["mask"] = out["mask"][:1].cpu()
@@ -182,6 +251,8 @@ class MaskedImageModel(pl.LightningModule):
         o, t = self.cfg.optim, self.cfg.train
         decay, no_decay = [], []
         for name, p in self.named_parameters():
+            if not p.requires_grad:  # the EMA teacher
+                continue
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

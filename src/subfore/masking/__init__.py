@@ -19,8 +19,15 @@ from .grid import (
 )
 from .ops import EMPTY_MASKS, apply_mask, masked_l1
 from .random import RandomMask, random_grid
+from .teacher import AnatoMask, HardPatchMask, TeacherGuidedMask, compose_mask, ema_momentum, hard_share
 
 __all__ = [
+    "AnatoMask",
+    "HardPatchMask",
+    "TeacherGuidedMask",
+    "compose_mask",
+    "ema_momentum",
+    "hard_share",
     "REGISTRY",
     "EMPTY_MASKS",
     "BlockMask",

@@ -1,0 +1,20 @@
+"""Data layer on MONAI: datalists, presets, transform chains and cached datasets."""
+
+from .datalist import case_id, load_datalist, load_datalists
+from .dataset import SafeDataset, make_dataset
+from .presets import Preset, make_preset
+from .transforms import CheckVolumed, center_transforms, preprocess, pretrain_transforms
+
+__all__ = [
+    "CheckVolumed",
+    "Preset",
+    "SafeDataset",
+    "case_id",
+    "center_transforms",
+    "load_datalist",
+    "load_datalists",
+    "make_dataset",
+    "make_preset",
+    "preprocess",
+    "pretrain_transforms",
+]
