@@ -25,3 +25,75 @@ def pretrain(
     cfg = load_config(config, set_ or [])
     encoder = run(cfg, resume=resume)
     typer.echo(f"done: {encoder}")
+
+
+@app.command()
+def finetune(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/finetune/)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set train.max_steps=500"),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="RUN_DIR/encoder.pt or any checkpoint"),
+    resume: Optional[str] = typer.Option(None, "--resume", flag_value="last", help="continue last.ckpt, or PATH"),
+) -> None:
+    """Finetune a segmentation network (optionally from pretrained weights)."""
+    from .config import load_config
+    from .finetune import FinetuneConfig
+    from .finetune import finetune as run
+
+    cfg = load_config(config, set_ or [], FinetuneConfig)
+    best = run(cfg, pretrained=pretrained, resume=resume)
+    typer.echo(f"done: {best}")
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _roi(roi: Optional[str]):
+    from .cli import _floats
+
+    return None if roi is None else tuple(int(v) for v in _floats(roi, 3, "--roi"))
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a 'subfore finetune' checkpoint (best.ckpt)"),
+    data: List[str] = typer.Option(..., "--data", help="labelled datalist (dataset.json, nnU-Net folder, ...)"),
+    out: Path = typer.Option(Path("metrics.json"), "--out"),
+    split: str = typer.Option("validation", "--split"),
+    tolerance: float = typer.Option(2.0, "--tolerance", help="NSD tolerance in mm"),
+    hd95: bool = typer.Option(False, "--hd95", help="also report the 95th-percentile Hausdorff distance (mm)"),
+    roi: Optional[str] = typer.Option(None, "--roi", help="sliding-window size, e.g. 96,96,96"),
+    overlap: Optional[float] = typer.Option(None, "--overlap"),
+    sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
+) -> None:
+    """Per-case and mean Dice and NSD per class; metrics.json, a Markdown table and a bar chart."""
+    from .evaluate import evaluate as run
+
+    result = run(checkpoint, list(data), out, split, tolerance, hd95, _roi(roi), overlap, sw_batch_size,
+                 _device(device), precision)
+    m = result["mean"]
+    typer.echo(f"{len(result['cases'])} cases: mean Dice {m['mean_dice']}, mean NSD {m['mean_nsd']} → {out}")
+
+
+@app.command()
+def predict(
+    inputs: List[Path] = typer.Argument(..., help="images, folders or DICOM series folders"),
+    checkpoint: Path = typer.Option(..., "--checkpoint"),
+    out: Path = typer.Option(..., "--out", help="folder for CASE_seg.nii.gz and CASE_overlay.png"),
+    roi: Optional[str] = typer.Option(None, "--roi"),
+    overlap: Optional[float] = typer.Option(None, "--overlap"),
+    sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
+) -> None:
+    """Segment images; labels are written on each input's own grid (shape, affine, orientation)."""
+    from .evaluate import predict as run
+
+    paths = run(checkpoint, [str(p) for p in inputs], out, _roi(roi), overlap, sw_batch_size, _device(device), precision)
+    typer.echo(f"wrote {len(paths)} label files to {out}")

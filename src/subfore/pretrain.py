@@ -307,7 +307,7 @@ class RunArtifacts(Callback):
                                      "val_loss": float(trainer.callback_metrics["val/loss"])}) + "\n")
 
 
-def ensure_phantoms(cfg: PretrainConfig) -> None:
+def ensure_phantoms(cfg) -> None:
     """Generate the built-in phantoms when the config asks for them and they are absent."""
     ph = cfg.data.phantoms
     if ph is None or (Path(ph.dir) / "dataset.json").exists():

@@ -1,0 +1,193 @@
+"""Finetune, evaluate and predict on phantoms (and the real CT where present)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import REAL_CT, REAL_SEG, needs_real_ct
+from subfore.config import load_config
+from subfore.errors import DataError, SubforeError
+from subfore.evaluate import case_metrics, evaluate, predict
+from subfore.finetune import FinetuneConfig, finetune
+
+BTCV_FROM_TOTALSEG = {1: 1, 2: 2, 3: 3, 4: 4, 15: 5, 5: 6, 6: 7, 52: 8, 63: 9, 64: 10, 7: 11, 8: 12, 9: 13}
+
+
+def ft_config(phantom_dir, tmp_path, **sections) -> dict:
+    cfg = {
+        "run_dir": str(tmp_path / "ft"),
+        "data": {"train": str(phantom_dir / "dataset.json"), "val": str(phantom_dir / "dataset.json"),
+                 "roi": [32, 32, 32], "spacing": [3.0, 3.0, 3.0], "samples_per_volume": 2,
+                 "cache_dir": str(tmp_path / "cache"), "num_workers": 0},
+        "model": {"name": "basicunet", "feature_size": 4, "out_channels": 14},
+        "train": {"max_steps": 2, "batch_size": 2, "val_every": 2, "ckpt_every": 2, "log_every": 1,
+                  "progress_bar": False},
+    }
+    for k, v in sections.items():
+        cfg[k].update(v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    best = finetune(load_config(None, [], FinetuneConfig, base=ft_config(phantom_dir, tmp)))
+    return best
+
+
+def test_finetune_writes_best_checkpoint_and_val_dice(trained):
+    assert trained.name == "best.ckpt" and trained.exists()
+    rows = [json.loads(x) for x in (trained.parents[1] / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_dice" in r and 0.0 <= r["val_dice"] <= 1.0 for r in rows)
+
+
+def test_finetune_from_pretrained_encoder_loads_and_then_trains(phantom_dir, tmp_path):
+    from test_pretrain import base_config, run_cfg
+
+    pre = base_config(phantom_dir, tmp_path, data={"roi": [64, 64, 64]}, model={"name": "swinunetr", "feature_size": 12},
+                      train={"max_steps": 1, "batch_size": 1})
+    encoder = run_cfg(pre)
+    enc = torch.load(encoder, weights_only=True)
+    tree = ft_config(phantom_dir, tmp_path, data={"roi": [64, 64, 64], "samples_per_volume": 1, "val": None},
+                     model={"name": "swinunetr", "feature_size": 12}, train={"batch_size": 1})
+    last = finetune(load_config(None, [], FinetuneConfig, base=tree), pretrained=encoder)
+    report = (tmp_path / "ft" / "pretrained_load.txt").read_text()
+    assert "0 unexpected" in report and "missing: out.conv.conv.bias, out.conv.conv.weight" in report
+    tuned = torch.load(last, weights_only=False)["state_dict"]
+    key = "swinViT.layers1.0.blocks.0.attn.qkv.weight"
+    from monai.networks.nets import SwinUNETR
+
+    fresh = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_v2=True).state_dict()[key]
+    # Started from the pretrained weights (close to them after 2 small steps), far from a random init, and moved.
+    assert not torch.equal(tuned["net." + key], enc[key])
+    assert (tuned["net." + key] - enc[key]).abs().max() < (fresh - enc[key]).abs().max() / 4
+
+
+def test_pretrained_layouts_and_channel_adaptation(tmp_path):
+    from monai.networks.nets import SwinUNETR
+
+    from subfore.weights import load_pretrained
+
+    src = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).state_dict()
+    lightning_style = {"state_dict": {"module.net." + k.replace("swinViT.", "swin_vit."): v for k, v in src.items()}}
+    torch.save(lightning_style, tmp_path / "a.ckpt")
+    net = SwinUNETR(in_channels=4, out_channels=3, feature_size=12, use_v2=True)
+    report = load_pretrained(net, tmp_path / "a.ckpt", "swinunetr", "repeat")
+    assert report.encoder_loaded == report.encoder_total
+    assert any("swinViT.patch_embed.proj.weight" in a for a in report.adapted)
+    w = src["swinViT.patch_embed.proj.weight"]
+    assert torch.allclose(net.swinViT.patch_embed.proj.weight, w.repeat(1, 4, 1, 1, 1) / 4)
+    torch.save({"model": {"foo.weight": torch.zeros(3)}}, tmp_path / "b.pt")
+    with pytest.raises(SubforeError, match="no encoder key matched"):
+        load_pretrained(net, tmp_path / "b.pt", "swinunetr")
+
+
+def test_dice_and_nsd_hand_computed():
+    y = torch.zeros(1, 1, 20, 20, 20, dtype=torch.long)
+    y[0, 0, 2:12, 2:12, 2:12] = 1  # 1000 voxels
+    y[0, 0, 14:18, 14:18, 14:18] = 2
+    perfect = case_metrics(y, y, 4, (1.0, 1.0, 1.0), tolerance_mm=1.0)
+    assert perfect["dice"][:2] == [1.0, 1.0] and perfect["nsd"][:2] == [1.0, 1.0]
+    assert np.isnan(perfect["dice"][2]) and np.isnan(perfect["nsd"][2])  # class 3 absent: excluded
+    p = torch.zeros_like(y)
+    p[0, 0, 2:12, 2:12, 7:17] = 1  # half overlaps: |A∩B| = 500
+    p[0, 0, 0:2, 0:2, 0:2] = 2  # disjoint from the true class 2
+    m = case_metrics(p, y, 4, (1.0, 1.0, 1.0), tolerance_mm=1.0)
+    assert m["dice"][0] == pytest.approx(2 * 500 / 2000) and m["dice"][1] == 0.0
+    assert m["nsd"][1] == 0.0 and 0.0 < m["nsd"][0] < 1.0
+
+
+def test_predict_on_anisotropic_lps_phantom_returns_the_input_grid(trained, tmp_path):
+    from subfore.phantoms import PhantomSpec, write_phantoms
+
+    write_phantoms(tmp_path / "lps", n=1, seed=5, spec=PhantomSpec(spacing=(2.0, 2.5, 4.0), orientation="LPS"))
+    src = tmp_path / "lps" / "imagesTr" / "phantom_000.nii.gz"
+    [out] = predict(trained, [src], tmp_path / "pred")
+    a, b = nib.load(src), nib.load(out)
+    assert b.shape == a.shape and np.allclose(b.affine, a.affine)
+    assert nib.aff2axcodes(b.affine) == ("L", "P", "S")
+    assert set(np.unique(np.asarray(b.dataobj)).tolist()) <= set(range(14))
+    assert (tmp_path / "pred" / "phantom_000_overlay.png").exists()
+
+
+def test_evaluate_writes_json_table_and_chart(trained, phantom_dir, tmp_path):
+    out = tmp_path / "metrics.json"
+    result = evaluate(trained, phantom_dir / "dataset.json", out, split="validation")
+    saved = json.loads(out.read_text())
+    assert saved["classes"][0] == "spleen" and len(saved["classes"]) == 13
+    assert "excluded" in saved["absent_class_rule"]
+    assert saved["mean"]["dice"]["esophagus"] is None  # no phantom has an esophagus
+    assert len(result["cases"]) == 1 and set(result["cases"][0]) >= {"case", "dice", "nsd"}
+    assert "| method | spleen" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bad_inputs_name_the_cause(trained, phantom_dir, tmp_path):
+    from helpers import write_nifti
+
+    # Label ids the model cannot output.
+    write_nifti(tmp_path / "img.nii.gz", np.zeros((20, 20, 20), np.int16))
+    write_nifti(tmp_path / "lab.nii.gz", np.full((20, 20, 20), 40, np.uint8))
+    (tmp_path / "ds.json").write_text(json.dumps({"validation": [{"image": "img.nii.gz", "label": "lab.nii.gz"}],
+                                                   "training": []}))
+    with pytest.raises(DataError, match="lab.nii.gz: label ids \\[40\\]"):
+        evaluate(trained, tmp_path / "ds.json", tmp_path / "m.json")
+    with pytest.raises(DataError, match="no image found for split 'training'"):
+        finetune(load_config(None, [], FinetuneConfig, base=ft_config(phantom_dir, tmp_path, data={"train": str(tmp_path / "ds.json")})))
+    # An encoder.pt or a pretraining checkpoint is not a segmentation checkpoint.
+    torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
+    with pytest.raises(SubforeError, match="not a 'subfore finetune' checkpoint"):
+        predict(tmp_path / "x.ckpt", [tmp_path / "img.nii.gz"], tmp_path / "p")
+    proc = subprocess.run([sys.executable, "-m", "subfore", "predict", str(tmp_path / "img.nii.gz"), "--checkpoint",
+                           str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "p")], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+
+
+@needs_real_ct
+def test_real_ct_predict_and_evaluate_with_btcv_map(trained, tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"validation": [{"image": str(REAL_CT), "label": str(REAL_SEG)}]}))
+    ckpt = torch.load(trained, weights_only=False)
+    ckpt["hyper_parameters"]["config"]["data"]["label_map"] = BTCV_FROM_TOTALSEG
+    torch.save(ckpt, tmp_path / "mapped.ckpt")
+    result = evaluate(tmp_path / "mapped.ckpt", tmp_path / "ds.json", tmp_path / "m.json")
+    assert result["mean"]["dice"]["esophagus"] is None  # absent from this scan
+    assert result["mean"]["dice"]["liver"] is not None
+    [out] = predict(tmp_path / "mapped.ckpt", [REAL_CT], tmp_path / "pred")
+    assert nib.load(out).shape == nib.load(REAL_CT).shape
+    assert np.allclose(nib.load(out).affine, nib.load(REAL_CT).affine)
+
+
+def test_brats_regions_on_four_channel_mri_from_ct_pretraining(phantom_dir, tmp_path):
+    from helpers import write_nifti
+    from test_pretrain import base_config, run_cfg
+
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(2):
+        img = rng.normal(100, 20, size=(32, 32, 32, 4)).astype(np.float32)
+        lab = np.zeros((32, 32, 32), np.uint8)
+        lab[8:20, 8:20, 8:20], lab[10:16, 10:16, 10:16], lab[12:14, 12:14, 12:14] = 2, 1, 4  # edema, necrosis, enhancing
+        img[lab > 0] += 80
+        write_nifti(tmp_path / f"mr{i}.nii.gz", img, spacing=(1.0, 1.0, 1.0))
+        write_nifti(tmp_path / f"mr{i}_seg.nii.gz", lab, spacing=(1.0, 1.0, 1.0))
+        entries.append({"image": f"mr{i}.nii.gz", "label": f"mr{i}_seg.nii.gz"})
+    (tmp_path / "brats.json").write_text(json.dumps({"training": entries, "validation": entries[:1]}))
+    encoder = run_cfg(base_config(phantom_dir, tmp_path, train={"max_steps": 1, "batch_size": 1}))  # 1-channel CT
+    tree = ft_config(phantom_dir, tmp_path, data={"train": str(tmp_path / "brats.json"), "val": str(tmp_path / "brats.json"),
+                                                  "preset": "mri", "channels": 4, "regions": "brats", "spacing": [1.0, 1.0, 1.0],
+                                                  "samples_per_volume": 1},
+                     model={"out_channels": 3}, train={"batch_size": 1})
+    cfg = load_config(None, [], FinetuneConfig, base=tree)
+    assert cfg.class_names() == ["TC", "WT", "ET"]
+    best = finetune(cfg, pretrained=encoder)
+    assert "conv_0.conv_0.conv.weight (32, 1) → (32, 4) (repeat)".replace("32", "4") in \
+        (tmp_path / "ft" / "pretrained_load.txt").read_text()
+    result = evaluate(best, tmp_path / "brats.json", tmp_path / "m.json")
+    assert result["classes"] == ["TC", "WT", "ET"] and set(result["mean"]["dice"]) == {"TC", "WT", "ET"}
