@@ -153,13 +153,16 @@ def test_bad_inputs_name_the_cause(trained, phantom_dir, tmp_path):
 @needs_real_ct
 def test_real_ct_predict_and_evaluate_with_btcv_map(trained, tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({"validation": [{"image": str(REAL_CT), "label": str(REAL_SEG)}]}))
-    ckpt = torch.load(trained, weights_only=False)
-    ckpt["hyper_parameters"]["config"]["data"]["label_map"] = BTCV_FROM_TOTALSEG
-    torch.save(ckpt, tmp_path / "mapped.ckpt")
-    result = evaluate(tmp_path / "mapped.ckpt", tmp_path / "ds.json", tmp_path / "m.json")
+    result = evaluate(trained, tmp_path / "ds.json", tmp_path / "m.json", label_map=BTCV_FROM_TOTALSEG)
     assert result["mean"]["dice"]["esophagus"] is None  # absent from this scan
     assert result["mean"]["dice"]["liver"] is not None
-    [out] = predict(tmp_path / "mapped.ckpt", [REAL_CT], tmp_path / "pred")
+    # The same through the command line.
+    proc = subprocess.run([sys.executable, "-m", "subfore", "evaluate", "--checkpoint", str(trained), "--data",
+                           str(tmp_path / "ds.json"), "--out", str(tmp_path / "cli.json"), "--label-map",
+                           json.dumps(BTCV_FROM_TOTALSEG), "--method", "phantom-trained"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "cli.json").read_text())["mean"] == result["mean"]
+    [out] = predict(trained, [REAL_CT], tmp_path / "pred")
     assert nib.load(out).shape == nib.load(REAL_CT).shape
     assert np.allclose(nib.load(out).affine, nib.load(REAL_CT).affine)
 

@@ -71,12 +71,25 @@ def evaluate(
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
+    label_map: Optional[str] = typer.Option(None, "--label-map", help="YAML/JSON {src: dst} for this data's labels"),
+    method: Optional[str] = typer.Option(None, "--method", help="name of this row in the table"),
 ) -> None:
     """Per-case and mean Dice and NSD per class; metrics.json, a Markdown table and a bar chart."""
     from .evaluate import evaluate as run
 
+    mapping = None
+    if label_map:
+        import yaml
+
+        from .errors import SubforeError
+
+        try:
+            mapping = yaml.safe_load(label_map)
+            mapping = {int(k): int(v) for k, v in mapping.items()}
+        except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+            raise SubforeError(f"--label-map expects a mapping such as '{{5: 6, 7: 11}}', got {label_map!r}") from None
     result = run(checkpoint, list(data), out, split, tolerance, hd95, _roi(roi), overlap, sw_batch_size,
-                 _device(device), precision)
+                 _device(device), precision, method, mapping)
     m = result["mean"]
     typer.echo(f"{len(result['cases'])} cases: mean Dice {m['mean_dice']}, mean NSD {m['mean_nsd']} → {out}")
 
@@ -97,3 +110,17 @@ def predict(
 
     paths = run(checkpoint, [str(p) for p in inputs], out, _roi(roi), overlap, sw_batch_size, _device(device), precision)
     typer.echo(f"wrote {len(paths)} label files to {out}")
+
+
+@app.command()
+def study(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML study config (see configs/study/)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set study.seeds=[0]"),
+) -> None:
+    """Pretrain, finetune and score every masking arm over seeds; resumable (finished arms are skipped)."""
+    from .config import load_config
+    from .study import StudyConfig
+    from .study import study as run
+
+    out = run(load_config(config, set_ or [], StudyConfig))
+    typer.echo(f"done: {out}/results.md, results.json, dice.png, curves.png")

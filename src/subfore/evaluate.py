@@ -72,9 +72,16 @@ def evaluate(
     device: str = "cpu",
     precision: str = "32",
     method: str | None = None,
+    label_map: dict[int, int] | None = None,
 ) -> dict:
-    """Score a finetuned checkpoint on a labelled datalist; write metrics.json, a Markdown table and a bar chart."""
+    """Score a finetuned checkpoint on a labelled datalist; write metrics.json, a Markdown table and a bar chart.
+
+    label_map: ``{src: dst}`` for this test set's labels (e.g. TotalSegmentator → BTCV), replacing the
+    checkpoint's own ``data.label_map``.
+    """
     cfg, net = load_finetuned(checkpoint, device)
+    if label_map is not None:
+        cfg.data.label_map = {int(k): int(v) for k, v in label_map.items()}
     items = load_datalists(data, split)
     unlabeled = [i["image"] for i in items if "label" not in i]
     if unlabeled:

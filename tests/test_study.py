@@ -1,0 +1,72 @@
+"""A micro study end to end: 2 arms × 1 seed, a handful of steps, the CNN at 32³; and its resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from subfore.config import load_config
+from subfore.errors import ConfigError
+from subfore.study import StudyConfig, expand_arms, parse_arm, study
+
+
+def micro(phantom_dir, tmp_path, **study_keys) -> dict:
+    ds = str(phantom_dir / "dataset.json")
+    return {
+        "study": {"study_dir": str(tmp_path / "study"), "arms": ["scratch", "foreground"], "seeds": [0],
+                  "pretrain_data": [ds], "finetune_data": ds, "finetune_val": ds,
+                  "test": [{"name": "phantoms", "data": ds, "split": "validation"},
+                           {"name": "absent", "data": str(tmp_path / "nope.json"), "optional": True}],
+                  **study_keys},
+        "pretrain": {"data": {"roi": [32, 32, 32], "cache_dir": str(tmp_path / "cache"), "num_workers": 0},
+                     "model": {"name": "basicunet", "feature_size": 4},
+                     "train": {"max_steps": 2, "batch_size": 2, "log_every": 1, "ckpt_every": 2, "progress_bar": False}},
+        "finetune": {"data": {"roi": [32, 32, 32], "spacing": [3.0, 3.0, 3.0], "samples_per_volume": 2,
+                              "cache_dir": str(tmp_path / "cache"), "num_workers": 0},
+                     "model": {"name": "basicunet", "feature_size": 4, "out_channels": 14},
+                     "train": {"max_steps": 2, "batch_size": 2, "val_every": 2, "ckpt_every": 2, "log_every": 1,
+                               "progress_bar": False}},
+    }
+
+
+def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, tmp_path, monkeypatch):
+    cfg = load_config(None, [], StudyConfig, base=micro(phantom_dir, tmp_path))
+    out = study(cfg)
+    results = json.loads((out / "results.json").read_text())
+    assert results["arms"] == ["scratch", "foreground"]
+    assert [(r["arm"], r["seed"]) for r in results["runs"]] == [("scratch", 0), ("foreground", 0)]
+    run = results["runs"][1]
+    assert set(run["tests"]) == {"phantoms"}  # the optional, absent test set is skipped
+    assert set(run["tests"]["phantoms"]["dice"]) >= {"spleen", "liver"}
+    assert [p[0] for p in run["pretrain_loss"]] == [1, 2] and run["finetune_val_dice"]
+    assert results["runs"][0]["pretrain_loss"] == []  # scratch does not pretrain
+    md = (out / "results.md").read_text()
+    assert "| arm | spleen" in md and "| scratch |" in md and "| foreground |" in md and "±" in md
+    for png in ("dice.png", "curves.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # Resume: finished arms are not run again.
+    import subfore.study as mod
+
+    def fail(*a, **k):
+        raise AssertionError("a finished arm ran again")
+
+    monkeypatch.setattr(mod, "run_one", fail)
+    study(cfg)
+    (out / "foreground" / "seed0" / "result.json").unlink()
+    calls = []
+    monkeypatch.setattr(mod, "run_one", lambda cfg, arm, over, seed: calls.append(arm) or results["runs"][1])
+    study(cfg)
+    assert calls == ["foreground"]
+
+
+def test_arm_names_and_sweeps(phantom_dir, tmp_path):
+    assert parse_arm("scratch") is None
+    assert parse_arm("foreground+otsu") == {"masking.strategy": "foreground", "masking.threshold": "otsu"}
+    assert parse_arm("anatomask+gate") == {"masking.strategy": "anatomask", "masking.gate": "foreground"}
+    cfg = load_config(None, [], StudyConfig, base=micro(phantom_dir, tmp_path, sweep={"masking.ratio": [0.4, 0.8]}))
+    assert [a for a, _ in expand_arms(cfg)] == ["scratch", "foreground[masking.ratio=0.4]", "foreground[masking.ratio=0.8]"]
+    with pytest.raises(ConfigError, match="unknown strategy 'checker'"):
+        load_config(None, ["study.arms=[checker]"], StudyConfig, base=micro(phantom_dir, tmp_path))
+    with pytest.raises(ConfigError, match="unknown modifier"):
+        load_config(None, ["study.arms=[random+fast]"], StudyConfig, base=micro(phantom_dir, tmp_path))
