@@ -328,7 +328,6 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
         from .weights import load_pretrained
 
         report = load_pretrained(model.net, pretrained, cfg.model.name, cfg.finetune.adapt_in_channels)
-        log.warning("%s", report)
         print(report)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "pretrained_load.txt").write_text(str(report) + "\n")

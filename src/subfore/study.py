@@ -31,8 +31,12 @@ MODIFIERS = {"otsu": {"masking.threshold": "otsu"}, "gate": {"masking.gate": "fo
 
 
 class TestSet(Strict):
+    """A labelled test set: a datalist (``data`` + ``split``), or one ``image`` with its ``label``."""
+
     name: str
-    data: str | list[str]
+    data: str | list[str] | None = None
+    image: str | None = None
+    label: str | None = None
     split: str = "validation"
     label_map: dict[int, int] | None = Field(None, description="this set's ids → the finetuned model's ids")
     optional: bool = Field(False, description="skip (with a note) when the data is absent, e.g. ../shared/data")
@@ -151,10 +155,15 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
     best = finetune(fcfg, pretrained=encoder)
     tests = {}
     for t in st.test:
-        sources = t.data if isinstance(t.data, list) else [t.data]
-        if t.optional and not all(Path(s).exists() for s in sources):
+        data, split = t.data, t.split
+        sources = [t.image, t.label] if t.image else (data if isinstance(data, list) else [data])
+        if t.optional and not all(s and Path(s).exists() for s in sources):
             continue
-        r = evaluate(best, t.data, run / f"test_{t.name}.json", split=t.split, label_map=t.label_map, method=arm)
+        if t.image:
+            data, split = run / f"test_{t.name}.dataset.json", "validation"
+            entry = {"image": str(Path(t.image).resolve()), "label": str(Path(t.label).resolve()) if t.label else None}
+            data.write_text(json.dumps({"validation": [entry]}))
+        r = evaluate(best, data, run / f"test_{t.name}.json", split=split, label_map=t.label_map, method=arm)
         tests[t.name] = {"dice": r["mean"]["dice"], "nsd": r["mean"]["nsd"], "mean_dice": r["mean"]["mean_dice"],
                          "mean_nsd": r["mean"]["mean_nsd"], "classes": r["classes"]}
     result = {"arm": arm, "seed": seed, "tests": tests, "pretrain_loss": pre_curve,
