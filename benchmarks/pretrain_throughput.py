@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--paper", action="store_true", help="SwinUNETR fs 48, 96³, batch 4")
     p.add_argument("--variant", choices=["plain", "engine"], help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default="/tmp/subfore-bench")
+    p.add_argument("--teachers", action="store_true", help="also time the engine with anatomask and hpm")
     args = p.parse_args()
     if args.paper:
         args.model, args.feature_size, args.roi, args.batch = "swinunetr", 48, 96, 4
@@ -158,14 +159,18 @@ def main() -> None:
         print(json.dumps(run_plain(args) if args.variant == "plain" else run_engine(args)))
         return
     results = {}
-    for variant in ("plain", "engine"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:] if a != "--paper"]
-        cmd += ["--model", args.model, "--feature-size", str(args.feature_size), "--roi", str(args.roi),
-                "--batch", str(args.batch), "--precision", args.precision]
+    runs = [("plain", "plain", args.strategy), ("engine", "engine", args.strategy)]
+    if args.teachers:
+        runs += [(f"engine:{s}", "engine", s) for s in ("anatomask", "hpm")]
+    for name, variant, strategy in runs:
+        cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--model", args.model, "--feature-size", str(args.feature_size), "--roi", str(args.roi),
+               "--batch", str(args.batch), "--precision", args.precision, "--strategy", strategy,
+               "--run-dir", args.run_dir]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if out.returncode:
             sys.exit(out.stderr)
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     plain, engine = results["plain"], results["engine"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
     print(f"# {args.model} fs {args.feature_size}, {args.roi}³, batch {args.batch}, {args.strategy} masking, "
@@ -178,6 +183,12 @@ def main() -> None:
           f"{engine['step_s'] / plain['step_s']:.3f} | {engine['peak_mem_mb'] / plain['peak_mem_mb']:.3f} |")
     print(f"mask generation + apply_mask: {plain['mask_s'] * 1e3:.1f} ms per batch = "
           f"{100 * plain['mask_s'] / plain['step_s']:.2f} % of a plain training step")
+    if args.teachers:
+        print(f"\n| engine strategy | s/step | vs {args.strategy} |")
+        print("|---|---|---|")
+        for s in (args.strategy, "anatomask", "hpm"):
+            r = results["engine" if s == args.strategy else f"engine:{s}"]
+            print(f"| {s} | {r['step_s']:.2f} | {r['step_s'] / engine['step_s']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,32 @@ def test_arm_names_and_sweeps(phantom_dir, tmp_path):
         load_config(None, ["study.arms=[checker]"], StudyConfig, base=micro(phantom_dir, tmp_path))
     with pytest.raises(ConfigError, match="unknown modifier"):
         load_config(None, ["study.arms=[random+fast]"], StudyConfig, base=micro(phantom_dir, tmp_path))
+
+
+@pytest.mark.parametrize("name", ["cpu_small", "paper_btcv", "paper_flare22", "paper_amos22", "paper_mmwhs", "paper_brats"])
+def test_shipped_study_configs_build_valid_arm_configs(name):
+    from pathlib import Path
+
+    from subfore.config import PretrainConfig
+    from subfore.finetune import FinetuneConfig
+
+    root = Path(__file__).parents[1] / "configs"
+    cfg = load_config(root / "study" / f"{name}.yaml", [], StudyConfig)
+    assert cfg.study.seeds == [0, 1, 2] and "scratch" in cfg.study.arms and "foreground" in cfg.study.arms
+    for arm, over in expand_arms(cfg):
+        if over:
+            tree = {**cfg.pretrain, "data": {**cfg.pretrain["data"], "train": "x"}}
+            pc = load_config(None, [f"{k}={v}" for k, v in over.items()], PretrainConfig, base=tree)
+            assert pc.masking.strategy == over["masking.strategy"]
+    ft = load_config(None, [], FinetuneConfig, base={**cfg.finetune, "data": {**cfg.finetune["data"], "train": "x"}})
+    assert ft.model.out_channels >= 3
+
+
+@pytest.mark.parametrize("path", sorted(str(p.name) for p in (__import__("pathlib").Path(__file__).parents[1] / "configs" / "finetune").glob("*.yaml")))
+def test_shipped_finetune_configs_validate(path):
+    from pathlib import Path
+
+    from subfore.finetune import FinetuneConfig
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "finetune" / path, [], FinetuneConfig)
+    assert len(cfg.class_names()) == cfg.model.out_channels
