@@ -31,7 +31,7 @@ def main() -> None:
     tree = {
         "run_dir": args.run_dir,
         "seed": 0,
-        "data": {"train": f"{args.phantoms}/dataset.json", "roi": [64, 64, 64], "samples_per_volume": 4,
+        "data": {"train": f"{args.phantoms}/dataset.json", "roi": [48, 48, 48], "samples_per_volume": 4,
                  "num_workers": 1, "phantoms": {"dir": args.phantoms, "n": 6}},
         "model": {"name": "basicunet", "feature_size": 8},
         "masking": {"strategy": "hpm", "subvolume_size": 8},

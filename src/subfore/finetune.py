@@ -16,7 +16,6 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
@@ -36,14 +35,14 @@ from monai.transforms import (
 )
 from pydantic import Field, model_validator
 
-from .config import DataConfig, ModelConfig, Strict, TrainConfig, dump_config
+from .config import DataConfig, ModelConfig, OptimConfig, Strict, TrainConfig, dump_config
 from .data.datalist import load_datalists
 from .data.dataset import make_dataset
 from .data.presets import Preset
 from .data.transforms import preprocess, source_name
 from .errors import ConfigError, DataError, SubforeError
 from .models import build_backbone, check_roi
-from .pretrain import ensure_phantoms, resolve_precision, warmup_cosine
+from .pretrain import ensure_phantoms, make_trainer, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +68,9 @@ class FinetuneOptions(Strict):
     sw_batch_size: int = Field(4, ge=1)
 
 
-class FinetuneOptim(Strict):
+class FinetuneOptim(OptimConfig):
     lr: float | None = Field(None, gt=0, description="default: 1e-3 SwinUNETR, 3e-4 UNETR, 1e-3 BasicUNet")
     weight_decay: float = Field(1e-5, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
 FT_LR = {"swinunetr": 1e-3, "unetr": 3e-4, "basicunet": 1e-3}
@@ -347,16 +343,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     if val is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/dice", mode="max",
                                          save_top_k=1, enable_version_counter=False))
-    trainer = pl.Trainer(
-        default_root_dir=run_dir, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        precision=resolve_precision(t.precision), max_steps=t.max_steps, max_epochs=None,
-        accumulate_grad_batches=t.accumulate, gradient_clip_val=t.grad_clip,
-        logger=TensorBoardLogger(run_dir, name="tensorboard", version=""), callbacks=callbacks,
-        log_every_n_steps=t.log_every, check_val_every_n_epoch=None if val is not None else 1,
-        val_check_interval=min(t.val_every, t.max_steps) if val is not None else None,
-        num_sanity_val_steps=0, limit_val_batches=None if val is not None else 0,
-        enable_progress_bar=t.progress_bar, enable_model_summary=False,
-    )
+    trainer = make_trainer(run_dir, t, callbacks, validate=val is not None)
     trainer.fit(model, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
     last = ckpt_dir / "last.ckpt"
     if trainer.is_global_zero:

@@ -338,6 +338,31 @@ def make_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader | None]:
     return train, val
 
 
+def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Trainer:
+    """The Lightning Trainer both engines use: step-based, validation every ``t.val_every`` steps, TensorBoard."""
+    return pl.Trainer(
+        default_root_dir=run_dir,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        precision=resolve_precision(t.precision),
+        max_steps=t.max_steps,
+        max_epochs=None,
+        accumulate_grad_batches=t.accumulate,
+        gradient_clip_val=t.grad_clip,
+        logger=TensorBoardLogger(run_dir, name="tensorboard", version=""),
+        callbacks=callbacks,
+        log_every_n_steps=t.log_every,
+        # Validation counts optimiser steps across epochs, not batches within one.
+        check_val_every_n_epoch=None if validate else 1,
+        val_check_interval=min(t.val_every, t.max_steps) if validate else None,
+        num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+    )
+
+
 def last_checkpoint(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
@@ -363,26 +388,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     t = cfg.train
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                  every_n_train_steps=t.ckpt_every, save_on_train_epoch_end=False)
-    trainer = pl.Trainer(
-        default_root_dir=run_dir,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        precision=resolve_precision(t.precision),
-        max_steps=t.max_steps,
-        max_epochs=None,
-        accumulate_grad_batches=t.accumulate,
-        gradient_clip_val=t.grad_clip,
-        logger=TensorBoardLogger(run_dir, name="tensorboard", version=""),
-        callbacks=[checkpoint, RunArtifacts(run_dir, t.ckpt_every)],
-        log_every_n_steps=t.log_every,
-        check_val_every_n_epoch=None if val_loader is not None else 1,
-        val_check_interval=t.val_every if val_loader is not None else None,
-        num_sanity_val_steps=0,
-        limit_val_batches=None if val_loader is not None else 0,
-        enable_progress_bar=t.progress_bar,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer(run_dir, t, [checkpoint, RunArtifacts(run_dir, t.ckpt_every)], val_loader is not None)
     trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         trainer.save_checkpoint(last_checkpoint(run_dir))

@@ -92,7 +92,7 @@ def preprocess(preset: Preset, keys: Sequence[str] = ("image",)) -> list:
         LoadImaged(keys, image_only=True, ensure_channel_first=True),
         CheckVolumed([k for k in keys if k != "label"], label_key="label" if "label" in keys else None,
                      channels=preset.channels),
-        Orientationd(keys, axcodes=preset.orientation),
+        Orientationd(keys, axcodes=preset.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=preset.spacing, mode=modes),
         intensity(preset),
     ]

@@ -40,7 +40,6 @@ class MaskGenerator:
         self.ratio = float(ratio)
         self.size = int(size)
         self.last_stats: dict[str, torch.Tensor] = {}
-        self.fallbacks_total = 0  # updated lazily from last_stats by consumers that log
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.ndim != 5:
