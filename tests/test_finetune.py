@@ -162,6 +162,14 @@ def test_real_ct_predict_and_evaluate_with_btcv_map(trained, tmp_path):
                            json.dumps(BTCV_FROM_TOTALSEG), "--method", "phantom-trained"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "cli.json").read_text())["mean"] == result["mean"]
+    # Two checkpoints → one methods × classes table.
+    proc = subprocess.run([sys.executable, "-m", "subfore", "evaluate", "--checkpoint", str(trained), "--checkpoint",
+                           str(trained), "--method", "a", "--method", "b", "--data", str(tmp_path / "ds.json"),
+                           "--out", str(tmp_path / "two.json"), "--label-map", json.dumps(BTCV_FROM_TOTALSEG)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "two.md").read_text()
+    assert "| a |" in table and "| b |" in table and (tmp_path / "two.0.json").exists()
     [out] = predict(trained, [REAL_CT], tmp_path / "pred")
     assert nib.load(out).shape == nib.load(REAL_CT).shape
     assert np.allclose(nib.load(out).affine, nib.load(REAL_CT).affine)

@@ -84,6 +84,7 @@ def show_mask_cmd(
     roi: int = typer.Option(96, "--roi", help="edge of the central crop in voxels"),
     seed: int = typer.Option(0, "--seed"),
     preset: str = typer.Option("ct", "--preset", help="ct or mri"),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="resample to this spacing in mm (default 1.5,1.5,1.5)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write counts as JSON"),
 ) -> None:
     """Draw the foreground grid and the mask over three mid planes of a central crop."""
@@ -92,7 +93,8 @@ def show_mask_cmd(
 
     item = load_datalist(image)[0]
     stats = show_mask(
-        item["image"], out, _preset(preset), strategy, ratio, _threshold(threshold), size, (roi,) * 3, seed, json_out
+        item["image"], out, _preset(preset, spacing), strategy, ratio, _threshold(threshold), size, (roi,) * 3, seed,
+        json_out,
     )
     typer.echo(
         f"{stats['masked']} of {stats['subvolumes']} subvolumes masked "
@@ -106,6 +108,7 @@ def analyze(
     out: Path = typer.Option(..., "--out", help="folder for intensity.png and analysis.json"),
     labels: Optional[List[Path]] = typer.Option(None, "--labels", help="one label file per image"),
     preset: str = typer.Option("ct", "--preset"),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="resample to this spacing in mm"),
     threshold: float = typer.Option(0.1, "--threshold"),
     size: int = typer.Option(16, "--size"),
 ) -> None:
@@ -115,7 +118,7 @@ def analyze(
 
     files = [load_datalist(p)[0]["image"] for p in images]
     label_files = [load_datalist(p)[0]["image"] for p in labels] if labels else None
-    result = run(files, out, _preset(preset), label_files, size, threshold)
+    result = run(files, out, _preset(preset, spacing), label_files, size, threshold)
     ent = result["mean_entropy_bits"]
     typer.echo(f"mean entropy (bits): foreground {ent['foreground']}, background {ent['background']} → {out}")
 

@@ -60,7 +60,7 @@ def _roi(roi: Optional[str]):
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a 'subfore finetune' checkpoint (best.ckpt)"),
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="'subfore finetune' checkpoint(s); several → one table row each"),
     data: List[str] = typer.Option(..., "--data", help="labelled datalist (dataset.json, nnU-Net folder, ...)"),
     out: Path = typer.Option(Path("metrics.json"), "--out"),
     split: str = typer.Option("validation", "--split"),
@@ -72,26 +72,41 @@ def evaluate(
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
     label_map: Optional[str] = typer.Option(None, "--label-map", help="YAML/JSON {src: dst} for this data's labels"),
-    method: Optional[str] = typer.Option(None, "--method", help="name of this row in the table"),
+    method: Optional[List[str]] = typer.Option(None, "--method", help="row name per checkpoint (default: run dir name)"),
 ) -> None:
     """Per-case and mean Dice and NSD per class; metrics.json, a Markdown table and a bar chart."""
     from .evaluate import evaluate as run
 
+    from .errors import SubforeError
+
     mapping = None
     if label_map:
         import yaml
-
-        from .errors import SubforeError
 
         try:
             mapping = yaml.safe_load(label_map)
             mapping = {int(k): int(v) for k, v in mapping.items()}
         except (yaml.YAMLError, AttributeError, TypeError, ValueError):
             raise SubforeError(f"--label-map expects a mapping such as '{{5: 6, 7: 11}}', got {label_map!r}") from None
-    result = run(checkpoint, list(data), out, split, tolerance, hd95, _roi(roi), overlap, sw_batch_size,
-                 _device(device), precision, method, mapping)
-    m = result["mean"]
-    typer.echo(f"{len(result['cases'])} cases: mean Dice {m['mean_dice']}, mean NSD {m['mean_nsd']} → {out}")
+    from .evaluate import plot_bars, write_table
+
+    methods = list(method or [])
+    if methods and len(methods) != len(checkpoint):
+        raise SubforeError(f"--method given {len(methods)} times for {len(checkpoint)} checkpoints")
+    results = []
+    for i, ckpt in enumerate(checkpoint):
+        # One checkpoint writes OUT itself; several write OUT.<method>.json each and a shared table.
+        target = out if len(checkpoint) == 1 else out.with_name(f"{out.stem}.{i}{out.suffix}")
+        result = run(ckpt, list(data), target, split, tolerance, hd95, _roi(roi), overlap, sw_batch_size,
+                     _device(device), precision, methods[i] if methods else None, mapping)
+        results.append(result)
+        m = result["mean"]
+        typer.echo(f"{result['method']}: {len(result['cases'])} cases, mean Dice {m['mean_dice']}, "
+                   f"mean NSD {m['mean_nsd']} → {target}")
+    if len(results) > 1:
+        write_table(results, out.with_suffix(".md"))
+        plot_bars(results, out.with_suffix(".png"))
+        typer.echo(f"table of {len(results)} methods → {out.with_suffix('.md')}")
 
 
 @app.command()

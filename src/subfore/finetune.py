@@ -73,6 +73,11 @@ class FinetuneOptim(OptimConfig):
     weight_decay: float = Field(1e-5, ge=0)
 
 
+class FinetuneTrain(TrainConfig):
+    batch_size: int = Field(8, ge=1, description="crops per step: 2 volumes × 4 crops (the seed's batch 2)")
+    grad_clip: float | None = Field(None, gt=0)
+
+
 FT_LR = {"swinunetr": 1e-3, "unetr": 3e-4, "basicunet": 1e-3}
 
 
@@ -85,14 +90,15 @@ class FinetuneConfig(Strict):
     model: SegModelConfig = Field(default_factory=SegModelConfig)
     finetune: FinetuneOptions = Field(default_factory=FinetuneOptions)
     optim: FinetuneOptim = Field(default_factory=FinetuneOptim)
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=2, grad_clip=None))
+    train: FinetuneTrain = Field(default_factory=FinetuneTrain)
 
     @model_validator(mode="after")
     def _defaults(self) -> "FinetuneConfig":
         if self.optim.lr is None:
             self.optim.lr = FT_LR[self.model.name]
-        if self.train.batch_size % self.data.samples_per_volume and self.data.samples_per_volume % self.train.batch_size:
-            raise ValueError("train.batch_size and data.samples_per_volume must divide one another")
+        if self.train.batch_size % self.data.samples_per_volume:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) counts crops and must be a multiple of "
+                             f"data.samples_per_volume ({self.data.samples_per_volume})")
         if self.model.class_names and len(self.model.class_names) != self.model.out_channels:
             raise ValueError(f"model.class_names has {len(self.model.class_names)} names for "
                              f"{self.model.out_channels} output channels")
@@ -304,7 +310,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     train_ds = make_dataset(items, train_transforms(cfg, preset), d.cache_dir,
                             cache_key=(preset, "seg", d.label_map, d.regions, d.foreground_crop, list(d.roi)),
                             skip_bad=d.skip_bad)
-    per_batch = max(1, cfg.train.batch_size // d.samples_per_volume)
+    per_batch = cfg.train.batch_size // d.samples_per_volume
     train = DataLoader(train_ds, batch_size=per_batch, shuffle=True, num_workers=d.num_workers,
                        persistent_workers=d.num_workers > 0, drop_last=len(train_ds) > per_batch)
     val = None

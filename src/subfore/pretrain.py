@@ -25,7 +25,17 @@ from .data.datalist import load_datalists
 from .data.dataset import make_dataset
 from .data.transforms import center_transforms, pretrain_transforms
 from .errors import SubforeError
-from .masking import EMPTY_MASKS, apply_mask, foreground_grid, make_generator, masked_l1, random_grid
+from .masking import (
+    EMPTY_MASKS,
+    REGISTRY,
+    ForegroundMask,
+    RandomMask,
+    apply_mask,
+    foreground_grid,
+    make_generator,
+    masked_l1,
+    random_grid,
+)
 from .masking.foreground import parse_threshold
 from .masking.teacher import TeacherGuidedMask, ema_momentum, ranking_loss, spearman
 from .models import build_backbone, check_roi, encoder_state, save_atomic
@@ -71,11 +81,12 @@ class MaskedImageModel(pl.LightningModule):
         thr = mk.threshold_kwargs()
         self.threshold = parse_threshold(thr.get("threshold"), thr.get("threshold_hu"), window)
         options = dict(mk.options)
-        if mk.strategy in ("random", "foreground"):
+        cls = REGISTRY[mk.strategy]
+        if issubclass(cls, (RandomMask, ForegroundMask)):
             options.setdefault("exact", mk.exact)
-        if mk.strategy == "foreground":
+        if issubclass(cls, ForegroundMask):
             options.update(threshold=self.threshold, window=window)
-        if mk.strategy in ("anatomask", "hpm"):
+        if issubclass(cls, TeacherGuidedMask):
             options.update(threshold=self.threshold, window=window, gate=mk.gate, r0=mk.r0, rT=mk.rT,
                            schedule=mk.schedule)
         try:
@@ -102,7 +113,11 @@ class MaskedImageModel(pl.LightningModule):
             self._rng = torch.Generator(device=self.device)
             self._rng.manual_seed(self.cfg.seed * 1_000_003 + self.global_rank)
             if self._rng_state is not None:
-                self._rng.set_state(self._rng_state)
+                if self.trainer.world_size == 1:
+                    self._rng.set_state(self._rng_state)
+                else:
+                    # The checkpoint holds rank 0's state only: re-seed every rank from (seed, rank, step) instead.
+                    self._rng.manual_seed(self.cfg.seed * 1_000_003 + self.global_rank + 7_919 * self.global_step)
                 self._rng_state = None
         return self._rng
 
