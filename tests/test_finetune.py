@@ -89,6 +89,36 @@ def test_pretrained_layouts_and_channel_adaptation(tmp_path):
         load_pretrained(net, tmp_path / "b.pt", "swinunetr")
 
 
+def test_class_balanced_crops_visit_a_small_organ_as_often_as_the_big_one(tmp_path):
+    from helpers import write_nifti
+    from monai.utils import set_determinism
+
+    from subfore.finetune import train_transforms
+
+    img = np.full((64, 64, 64), 40.0, dtype=np.float32)  # soft tissue HU, so the foreground crop keeps it all
+    seg = np.zeros((64, 64, 64), dtype=np.uint8)
+    seg[:40, :40, :40] = 1  # a big "liver": 24 % of the volume
+    seg[56:60, 56:60, 56:60] = 2  # a small organ: 64 voxels
+    item = {"image": str(write_nifti(tmp_path / "i.nii.gz", img, (1.0, 1.0, 1.0))),
+            "label": str(write_nifti(tmp_path / "l.nii.gz", seg, (1.0, 1.0, 1.0)))}
+
+    def share_with_small_organ(crop: str) -> float:
+        cfg = FinetuneConfig.model_validate({
+            "data": {"train": "unused", "roi": [16, 16, 16], "spacing": [1.0, 1.0, 1.0], "samples_per_volume": 300,
+                     "crop": crop},
+            "model": {"name": "basicunet", "out_channels": 3}, "train": {"batch_size": 300}})
+        set_determinism(0)
+        crops = train_transforms(cfg, cfg.data.preset_obj())(item)
+        set_determinism(None)
+        assert len(crops) == 300 and all(c["label"].shape == (1, 16, 16, 16) for c in crops)
+        return sum(bool((c["label"] == 2).any()) for c in crops) / len(crops)
+
+    # posneg centres half the crops on foreground, which is almost all liver: the small organ is rarely seen.
+    # classes draws centres evenly over the 3 classes: about 1/3 of crops hold it (binomial, 300 draws).
+    assert share_with_small_organ("classes") > 0.2
+    assert share_with_small_organ("posneg") < 0.05
+
+
 def test_dice_and_nsd_hand_computed():
     y = torch.zeros(1, 1, 20, 20, 20, dtype=torch.long)
     y[0, 0, 2:12, 2:12, 2:12] = 1  # 1000 voxels

@@ -25,6 +25,7 @@ from monai.transforms import (
     ConvertToMultiChannelBasedOnBratsClassesd,
     CropForegroundd,
     MapTransform,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
@@ -54,6 +55,9 @@ class FinetuneData(DataConfig):
     regions: Literal["brats"] | None = Field(None, description="brats: labels → TC/WT/ET channels, sigmoid outputs")
     limit_train: int | None = Field(None, ge=1, description="use only the first N training cases (label-efficient)")
     foreground_crop: bool = True
+    crop: Literal["posneg", "classes"] = Field(
+        "posneg", description="posneg: half the crops centred on foreground (BTCV recipe); "
+        "classes: centres drawn evenly over the label classes, so small organs are seen as often as the liver")
 
 
 class SegModelConfig(ModelConfig):
@@ -172,7 +176,7 @@ def label_transforms(cfg: FinetuneConfig) -> list:
 
 
 def train_transforms(cfg: FinetuneConfig, preset: Preset) -> Compose:
-    """BTCV recipe: preprocess, foreground crop, pos/neg 96³ crops, flips, rot90, intensity scale/shift."""
+    """BTCV recipe: preprocess, foreground crop, pos/neg (or class-balanced) crops, flips, rot90, intensity scale/shift."""
     d = cfg.data
     keys = ["image", "label"]
     t = preprocess(preset, keys) + label_transforms(cfg)
@@ -181,6 +185,9 @@ def train_transforms(cfg: FinetuneConfig, preset: Preset) -> Compose:
     t.append(SpatialPadd(keys, spatial_size=list(d.roi)))
     if cfg.sigmoid:
         t.append(RandSpatialCropSamplesd(keys, roi_size=list(d.roi), num_samples=d.samples_per_volume, random_size=False))
+    elif d.crop == "classes":
+        t.append(RandCropByLabelClassesd(keys, "label", spatial_size=list(d.roi), num_classes=cfg.model.out_channels,
+                                         num_samples=d.samples_per_volume, allow_smaller=True, warn=False))
     else:
         t.append(RandCropByPosNegLabeld(keys, "label", spatial_size=list(d.roi), pos=1, neg=1,
                                         num_samples=d.samples_per_volume, image_key="image", image_threshold=0,
