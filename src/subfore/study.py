@@ -272,8 +272,10 @@ def _plots(results, arms, tests, summary, out: Path) -> None:
                 continue
             steps = [p[0] for p in curves[0]]
             mean = [statistics.fmean(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
-            ax.plot(steps, mean, label=arm, marker="." if key == "finetune_val_dice" else None)
-    axes[0].set_title("pretraining masked L1 (mean over seeds)")
+            # One colour per arm in both panels, although scratch has no pretraining curve.
+            ax.plot(steps, mean, label=arm, color=f"C{arms.index(arm) % 10}",
+                    marker="." if key == "finetune_val_dice" else None)
+    axes[0].set_title("pretraining masked L1 (mean over seeds; each arm on its own masks)")
     axes[1].set_title("finetune validation Dice (mean over seeds)")
     for ax in axes:
         ax.set_xlabel("step")
