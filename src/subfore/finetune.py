@@ -176,7 +176,7 @@ def label_transforms(cfg: FinetuneConfig) -> list:
 
 
 def train_transforms(cfg: FinetuneConfig, preset: Preset) -> Compose:
-    """BTCV recipe: preprocess, foreground crop, pos/neg (or class-balanced) crops, flips, rot90, intensity scale/shift."""
+    """BTCV recipe: preprocess, foreground crop, pos/neg (or class-balanced) crops, flips, rot90, intensity jitter."""
     d = cfg.data
     keys = ["image", "label"]
     t = preprocess(preset, keys) + label_transforms(cfg)
