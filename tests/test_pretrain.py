@@ -137,6 +137,9 @@ def test_bad_config_keys_name_the_key(phantom_dir, tmp_path):
         load_config(None, [], base={"data": {}})
     cfg = load_config(None, ["masking.threshold=-132.5 HU"], base=tree)
     assert cfg.masking.threshold_kwargs() == {"threshold": None, "threshold_hu": -132.5}
+    with pytest.raises(ConfigError, match=r"train.batch_size \(3\) counts crops.*samples_per_volume \(2\)"):
+        load_config(None, ["train.batch_size=3", "data.samples_per_volume=2"], base=tree)
+    assert load_config(None, ["model.name=unetr"], base=tree).optim.lr == 1e-4  # the paper's UNETR rate
 
 
 def test_swinunetr_rejects_small_roi_and_b_min_threshold(phantom_dir, tmp_path):

@@ -154,14 +154,17 @@ class PretrainConfig(Strict):
 
     @model_validator(mode="after")
     def _defaults(self) -> "PretrainConfig":
-        if self.optim.lr is None:
-            self.optim.lr = DEFAULT_LR[self.model.name]
-        if self.train.batch_size % self.data.samples_per_volume:
-            raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must be a multiple of data.samples_per_volume "
-                f"({self.data.samples_per_volume})"
-            )
-        return self
+        return fill_lr_check_batch(self, DEFAULT_LR)
+
+
+def fill_lr_check_batch(cfg, lr_by_model: dict[str, float]):
+    """Default ``optim.lr`` per backbone; ``train.batch_size`` counts crops, so it must split into whole volumes."""
+    if cfg.optim.lr is None:
+        cfg.optim.lr = lr_by_model[cfg.model.name]
+    if cfg.train.batch_size % cfg.data.samples_per_volume:
+        raise ValueError(f"train.batch_size ({cfg.train.batch_size}) counts crops and must be a multiple of "
+                         f"data.samples_per_volume ({cfg.data.samples_per_volume})")
+    return cfg
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -36,7 +36,7 @@ from monai.transforms import (
 )
 from pydantic import Field, model_validator
 
-from .config import DataConfig, ModelConfig, OptimConfig, Strict, TrainConfig, dump_config
+from .config import DataConfig, ModelConfig, OptimConfig, Strict, TrainConfig, dump_config, fill_lr_check_batch
 from .data.datalist import load_datalists
 from .data.dataset import make_dataset
 from .data.presets import Preset
@@ -98,11 +98,7 @@ class FinetuneConfig(Strict):
 
     @model_validator(mode="after")
     def _defaults(self) -> "FinetuneConfig":
-        if self.optim.lr is None:
-            self.optim.lr = FT_LR[self.model.name]
-        if self.train.batch_size % self.data.samples_per_volume:
-            raise ValueError(f"train.batch_size ({self.train.batch_size}) counts crops and must be a multiple of "
-                             f"data.samples_per_volume ({self.data.samples_per_volume})")
+        fill_lr_check_batch(self, FT_LR)
         if self.model.class_names and len(self.model.class_names) != self.model.out_channels:
             raise ValueError(f"model.class_names has {len(self.model.class_names)} names for "
                              f"{self.model.out_channels} output channels")
