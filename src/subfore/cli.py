@@ -1,6 +1,7 @@
 """The ``subfore`` command line: a thin layer over the Python API.
 
 User errors (bad files, bad config) print one line to stderr and exit 1; ``--debug`` shows the traceback.
+A run stopped by SIGTERM/SIGUSR1 saves its checkpoint and exits 75 (``subfore.engine.EXIT_PREEMPTED``).
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         # ValueError/OSError reach here from argument checks in the API (bad ratio, unwritable --out, ...).
         if debug:
             raise
-        typer.echo(f"error: {_one_line(exc)}", err=True)
-        sys.exit(1)
+        code = getattr(exc, "exit_code", 1)
+        typer.echo(f"{'stopped' if code != 1 else 'error'}: {_one_line(exc)}", err=True)
+        sys.exit(code)
 
 
 def _one_line(exc: BaseException) -> str:

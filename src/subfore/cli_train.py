@@ -14,16 +14,18 @@ from .cli import app
 def pretrain(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/pretrain/)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set masking.ratio=0.5"),
-    resume: Optional[str] = typer.Option(
-        None, "--resume", flag_value="last", help="continue RUN_DIR/checkpoints/last.ckpt, or --resume PATH"
-    ),
+    resume: bool = typer.Option(False, "--resume", help="continue RUN_DIR/checkpoints/last.ckpt"),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint"),
 ) -> None:
-    """Pretrain a backbone by masked image modelling (SubFore and friends)."""
+    """Pretrain a backbone by masked image modelling (SubFore and friends).
+
+    Exit status: 0 done, 1 bad input, 75 stopped by SIGTERM/SIGUSR1 after saving last.ckpt (rerun with --resume).
+    """
     from .config import load_config
     from .pretrain import pretrain as run
 
     cfg = load_config(config, set_ or [])
-    encoder = run(cfg, resume=resume)
+    encoder = run(cfg, resume=_resume(resume, resume_from))
     typer.echo(f"done: {encoder}")
 
 
@@ -32,16 +34,28 @@ def finetune(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/finetune/)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set train.max_steps=500"),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="RUN_DIR/encoder.pt or any checkpoint"),
-    resume: Optional[str] = typer.Option(None, "--resume", flag_value="last", help="continue last.ckpt, or PATH"),
+    resume: bool = typer.Option(False, "--resume", help="continue RUN_DIR/checkpoints/last.ckpt"),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint"),
 ) -> None:
-    """Finetune a segmentation network (optionally from pretrained weights)."""
+    """Finetune a segmentation network (optionally from pretrained weights).
+
+    Exit status: 0 done, 1 bad input, 75 stopped by SIGTERM/SIGUSR1 after saving last.ckpt (rerun with --resume).
+    """
     from .config import load_config
     from .finetune import FinetuneConfig
     from .finetune import finetune as run
 
     cfg = load_config(config, set_ or [], FinetuneConfig)
-    best = run(cfg, pretrained=pretrained, resume=resume)
+    best = run(cfg, pretrained=pretrained, resume=_resume(resume, resume_from))
     typer.echo(f"done: {best}")
+
+
+def _resume(resume: bool, resume_from: Optional[Path]):
+    from .errors import SubforeError
+
+    if resume and resume_from is not None:
+        raise SubforeError("give either --resume (RUN_DIR/checkpoints/last.ckpt) or --resume-from PATH, not both")
+    return str(resume_from) if resume_from is not None else ("last" if resume else None)
 
 
 def _device(device: str) -> str:

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.transforms import (
     Compose,
     ConvertToMultiChannelBasedOnBratsClassesd,
@@ -42,8 +42,20 @@ from .data.dataset import make_dataset
 from .data.presets import Preset
 from .data.transforms import preprocess, source_name
 from .errors import ConfigError, DataError, SubforeError
+from .engine import (
+    Preempted,
+    RunControl,
+    RunModule,
+    append_jsonl,
+    check_fill,
+    make_trainer,
+    reduce_sum,
+    resolve_resume,
+    shard,
+    train_loader,
+)
 from .models import build_backbone, check_roi
-from .pretrain import ensure_phantoms, make_trainer, warmup_cosine
+from .pretrain import ensure_phantoms, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -234,40 +246,53 @@ def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: floa
     return logits.argmax(1, keepdim=True)
 
 
-class SegmentationModel(pl.LightningModule):
+class SegmentationModel(RunModule):
     """DiceCE segmentation training with sliding-window validation (mean foreground Dice)."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
-        super().__init__()
+        super().__init__(cfg.seed, cfg.train.max_bad_steps)
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.model_dump(mode="json"), "kind": "subfore-finetune"})
         self.net = build_seg_net(cfg)
         self.loss = DiceCELoss(to_onehot_y=not cfg.sigmoid, softmax=not cfg.sigmoid, sigmoid=cfg.sigmoid)
-        self.dice = DiceMetric(include_background=cfg.sigmoid, reduction="mean_batch", ignore_empty=True)
 
     def training_step(self, batch, batch_idx):
         x, y = torch.as_tensor(batch["image"]).float(), torch.as_tensor(batch["label"]).float()
         loss = self.loss(self.net(x), y)
+        self.note_loss(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=x.shape[0])
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        k = self.cfg.model.out_channels - (0 if self.cfg.sigmoid else 1)
+        # Per class: sum of Dice over the cases where the class is present, and their count; then cases scored.
+        self._dice_sum = torch.zeros(2 * k + 1, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch, batch_idx):
         x, y = torch.as_tensor(batch["image"]).float(), torch.as_tensor(batch["label"])
+        w = torch.as_tensor(batch["weight"]).to(self.device, torch.float64)  # 0 for a rank's padding copy
         pred = predict_volume(self.net, x, self.cfg.data.roi, self.cfg.finetune.sw_overlap,
                               self.cfg.finetune.sw_batch_size, self.cfg.sigmoid)
         k = self.cfg.model.out_channels
         if self.cfg.sigmoid:
-            self.dice(pred.float(), y.float())
+            dice = compute_dice(pred.float(), y.float().to(pred.device), include_background=True, ignore_empty=True)
         else:
             onehot = lambda t: torch.nn.functional.one_hot(t[:, 0].long(), k).permute(0, 4, 1, 2, 3).float()  # noqa: E731
-            self.dice(onehot(pred), onehot(y))
+            dice = compute_dice(onehot(pred), onehot(y.to(pred.device)), include_background=False, ignore_empty=True)
+        dice = dice.double().to(self.device)  # (B, classes), NaN where the class is absent from the label
+        present = torch.isfinite(dice).double() * w[:, None]
+        self._dice_sum += torch.cat([(dice.nan_to_num(0.0) * present).sum(0), present.sum(0), w.sum()[None]])
 
     def on_validation_epoch_end(self) -> None:
-        per_class = self.dice.aggregate()
-        self.dice.reset()
+        # Each case counted once across ranks: per-class mean over the cases that contain the class, then the
+        # mean over classes (MONAI's DiceMetric 'mean_batch' with ignore_empty, then nanmean).
+        total = reduce_sum(self, self._dice_sum)
+        k = (total.numel() - 1) // 2
+        per_class = total[:k] / total[k : 2 * k]
         mean = torch.nanmean(per_class) if torch.isfinite(per_class).any() else torch.tensor(0.0)
-        self.log("val/dice", mean, prog_bar=True, sync_dist=True)
+        self.log("val/dice", mean.float(), prog_bar=True)
+        self.log("val/cases", total[-1].float())
 
     def configure_optimizers(self):
         o, t = self.cfg.optim, self.cfg.train
@@ -278,31 +303,34 @@ class SegmentationModel(pl.LightningModule):
 
 
 class ValLog(Callback):
-    """Append validation Dice to RUN_DIR/metrics.jsonl (and training loss at logged steps)."""
+    """Rank 0 appends the training loss at logged steps and validation Dice to RUN_DIR/metrics.jsonl."""
 
     def __init__(self, run_dir: Path, log_every: int) -> None:
         self.run_dir, self.log_every = run_dir, log_every
 
-    def _write(self, row: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.is_global_zero and trainer.global_step % self.log_every == 0 and outputs is not None:
-            self._write({"step": trainer.global_step, "loss": float(outputs["loss"])})
+    def on_train_batch_end(self, trainer, module: SegmentationModel, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if trainer.is_global_zero and module.stepped and (step % self.log_every == 0 or step == 1):
+            append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, "loss": module.step_loss()})
 
     def on_validation_end(self, trainer, module):
-        if trainer.is_global_zero and not trainer.sanity_checking and "val/dice" in trainer.callback_metrics:
-            self._write({"step": trainer.global_step, "val_dice": float(trainer.callback_metrics["val/dice"])})
+        m = trainer.callback_metrics
+        if trainer.is_global_zero and not trainer.sanity_checking and "val/dice" in m:
+            append_jsonl(self.run_dir / "metrics.jsonl", {"step": trainer.global_step, "val_dice": float(m["val/dice"]),
+                                                          "val_cases": int(m["val/cases"])})
 
 
 def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: str | Path | None = None) -> Path:
-    """Finetune (or resume) a segmentation network; return the best checkpoint (or last without validation)."""
+    """Finetune (or resume) a segmentation network; return the best checkpoint (or last without validation).
+
+    Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
+    """
     d = cfg.data
     check_roi(cfg.model.name, d.roi)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    ensure_phantoms(cfg)
     run_dir = Path(cfg.run_dir)
+    ckpt_path = resolve_resume(run_dir, resume)
+    pl.seed_everything(cfg.seed, verbose=False)
+    ensure_phantoms(cfg)
     preset = d.preset_obj()
     items = load_datalists(d.train, d.train_split)
     missing = [i["image"] for i in items if "label" not in i]
@@ -310,13 +338,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
         raise DataError(missing[0], "has no label: finetuning needs an image/label pair for every training case")
     if d.limit_train:
         items = items[: d.limit_train]
-    train_ds = make_dataset(items, train_transforms(cfg, preset), d.cache_dir,
-                            cache_key=(preset, "seg", d.label_map, d.regions, d.foreground_crop, list(d.roi)),
-                            skip_bad=d.skip_bad)
-    per_batch = cfg.train.batch_size // d.samples_per_volume
-    train = DataLoader(train_ds, batch_size=per_batch, shuffle=True, num_workers=d.num_workers,
-                       persistent_workers=d.num_workers > 0, drop_last=len(train_ds) > per_batch)
-    val = None
+    val_items = None
     if d.val:
         val_items = load_datalists(d.val, d.val_split)
         if not val_items:
@@ -324,41 +346,48 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
         no_label = [i["image"] for i in val_items if "label" not in i]
         if no_label:
             raise DataError(no_label[0], "validation case without a label")
-        val_ds = make_dataset(val_items, eval_transforms(cfg, preset), d.cache_dir,
-                              cache_key=(preset, "seg-eval", d.label_map, d.regions), skip_bad=d.skip_bad)
-        val = DataLoader(val_ds, batch_size=1, num_workers=min(1, d.num_workers))
     model = SegmentationModel(cfg)
     pretrained = pretrained or cfg.finetune.pretrained
-    if pretrained and resume is None:
-        from .weights import load_pretrained
-
-        report = load_pretrained(model.net, pretrained, cfg.model.name, cfg.finetune.adapt_in_channels)
-        print(report)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "pretrained_load.txt").write_text(str(report) + "\n")
-    ckpt_path = None
-    if resume is not None:
-        ckpt_path = run_dir / "checkpoints" / "last.ckpt" if str(resume) == "last" else Path(resume)
-        if not ckpt_path.exists():
-            raise SubforeError(f"{ckpt_path}: no checkpoint to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=t.ckpt_every),
         ValLog(run_dir, t.log_every),
     ]
-    if val is not None:
+    if val_items is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/dice", mode="max",
                                          save_top_k=1, enable_version_counter=False))
-    trainer = make_trainer(run_dir, t, callbacks, validate=val is not None)
-    trainer.fit(model, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
-    last = ckpt_dir / "last.ckpt"
+    control = RunControl(run_dir)
+    trainer = make_trainer(run_dir, t, callbacks + [control], validate=val_items is not None)
+    rank, world = trainer.global_rank, trainer.world_size
+    per_batch = check_fill(len(items), t.batch_size, d.samples_per_volume, world,
+                           str(d.train if isinstance(d.train, str) else d.train[0]))
+    train_ds = make_dataset(items, train_transforms(cfg, preset), d.cache_dir,
+                            cache_key=(preset, "seg", d.label_map, d.regions, d.foreground_crop, list(d.roi)),
+                            skip_bad=d.skip_bad)
+    train = train_loader(train_ds, cfg.seed, per_batch, trainer, d.num_workers)
+    val = None
+    if val_items is not None:
+        val_ds = make_dataset(shard(val_items, rank, world), eval_transforms(cfg, preset), d.cache_dir,
+                              cache_key=(preset, "seg-eval", d.label_map, d.regions), skip_bad=d.skip_bad)
+        val = DataLoader(val_ds, batch_size=1, num_workers=min(1, d.num_workers))
+    if pretrained and ckpt_path is None:
+        from .weights import load_pretrained
+
+        report = load_pretrained(model.net, pretrained, cfg.model.name, cfg.finetune.adapt_in_channels)
+        if trainer.is_global_zero:
+            print(report)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "pretrained_load.txt").write_text(str(report) + "\n")
     if trainer.is_global_zero:
-        trainer.save_checkpoint(last)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    trainer.fit(model, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
+    if model.preempted:
+        raise Preempted(f"{control.last}: stopped by a signal at step {trainer.global_step}, checkpoint saved; "
+                        f"continue with --resume")
     best = ckpt_dir / "best.ckpt"
-    return best if best.exists() else last
+    return best if best.exists() else control.last
 
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[FinetuneConfig, torch.nn.Module]:

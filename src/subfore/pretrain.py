@@ -17,14 +17,29 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
-from monai.data import DataLoader
 
 from .config import PretrainConfig, dump_config
 from .data.datalist import load_datalists
 from .data.dataset import make_dataset
 from .data.transforms import center_transforms, pretrain_transforms
-from .errors import SubforeError
+from .engine import (
+    Preempted,
+    RunControl,
+    RunModule,
+    append_jsonl,
+    check_fill,
+    first_rank_prepares,
+    make_trainer,
+    mix_seed,
+    gather_scalars,
+    reduce_sum,
+    resolve_precision,
+    resolve_resume,
+    shard,
+    tensor_digest,
+    train_loader,
+)
+from .errors import DataError, SubforeError
 from .masking import (
     EMPTY_MASKS,
     REGISTRY,
@@ -40,6 +55,8 @@ from .masking.foreground import parse_threshold
 from .masking.teacher import TeacherGuidedMask, ema_momentum, ranking_loss, spearman
 from .models import build_backbone, check_roi, encoder_state, save_atomic
 
+__all__ = ["MaskedImageModel", "pretrain", "resolve_precision", "warmup_cosine"]
+
 log = logging.getLogger(__name__)
 
 
@@ -51,20 +68,11 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto' → 'bf16-mixed' on a CUDA GPU that supports it, else '32'."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32"
-
-
-class MaskedImageModel(pl.LightningModule):
+class MaskedImageModel(RunModule):
     """Reconstruct masked subvolumes: x → mask → apply_mask → backbone → masked L1 against x."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
-        super().__init__()
+        super().__init__(cfg.seed, cfg.train.max_bad_steps)
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.model_dump(mode="json")})
         m, mk = cfg.model, cfg.masking
@@ -99,41 +107,27 @@ class MaskedImageModel(pl.LightningModule):
             self.teacher = copy.deepcopy(self.net).requires_grad_(False).eval()
             self.masker.scorer = self.teacher_scores
             self.masker.total_steps = cfg.train.max_steps
-        self._rng: torch.Generator | None = None
-        self._rng_state: torch.Tensor | None = None
-        self.bad_in_a_row = 0
-        self.skipped_steps = 0
         self.fallbacks_total = 0
         self.last: dict = {}
+        self.last_views: dict | None = None
+        self._seen: dict = {}
 
     # --- reproducible masks -------------------------------------------------------------------
-    def mask_rng(self) -> torch.Generator:
-        """A generator on the model's device, seeded per rank, restored from checkpoints."""
-        if self._rng is None or self._rng.device.type != self.device.type:
-            self._rng = torch.Generator(device=self.device)
-            self._rng.manual_seed(self.cfg.seed * 1_000_003 + self.global_rank)
-            if self._rng_state is not None:
-                if self.trainer.world_size == 1:
-                    self._rng.set_state(self._rng_state)
-                else:
-                    # The checkpoint holds rank 0's state only: re-seed every rank from (seed, rank, step) instead.
-                    self._rng.manual_seed(self.cfg.seed * 1_000_003 + self.global_rank + 7_919 * self.global_step)
-                self._rng_state = None
-        return self._rng
+    def step_generator(self) -> torch.Generator:
+        """The mask generator of this micro-batch, seeded from (seed, rank, step, micro-batch).
+
+        Nothing to save or restore: a resumed run, on any number of ranks, draws the masks it would have drawn.
+        """
+        seed = mix_seed(self.cfg.seed, self.global_rank, self.global_step, self.micro_batch, 0x3A5C)
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["subfore"] = {
-            "mask_rng": self.mask_rng().get_state(),
-            "skipped_steps": self.skipped_steps,
-            "fallbacks_total": int(self.fallbacks_total),
-        }
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["subfore"]["fallbacks_total"] = int(self.fallbacks_total)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("subfore", {})
-        self._rng_state = state.get("mask_rng")
-        self._rng = None
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.fallbacks_total = state.get("fallbacks_total", 0)
+        super().on_load_checkpoint(checkpoint)
+        self.fallbacks_total = checkpoint.get("subfore", {}).get("fallbacks_total", 0)
 
     # --- the teacher ----------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -160,8 +154,8 @@ class MaskedImageModel(pl.LightningModule):
         pred = self.teacher(apply_mask(x, m, self._fill(), generator=generator))[:, : self.channels]
         return self.per_subvolume((pred - x).abs()).masked_fill(~m, float("-inf"))
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def after_step(self) -> None:
+        """The EMA teacher follows the student after every optimiser step that was taken."""
         if self.teacher is not None:
             mk = self.cfg.masking
             m = ema_momentum(self.global_step, self.cfg.train.max_steps, mk.ema_momentum, mk.ema_momentum_end,
@@ -195,53 +189,59 @@ class MaskedImageModel(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         x = torch.as_tensor(batch["image"]).float()
-        out = self.reconstruct(x, self.mask_rng())
+        out = self.reconstruct(x, self.step_generator())
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            self.skipped_steps += 1
-            self.bad_in_a_row += 1
-            log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.global_step, self.bad_in_a_row)
-            if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
-                raise SubforeError(
-                    f"{self.bad_in_a_row} non-finite losses in a row (train.max_bad_steps): lower optim.lr, "
-                    f"set train.grad_clip, or check the data for NaN"
-                )
-            if self.trainer.world_size > 1:
-                # Every rank must run backward under DDP: a zero loss over the parameters skips in effect.
-                return sum(p.sum() for p in self.parameters()) * 0.0
-            return None
-        self.bad_in_a_row = 0
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        self.log("lr", lr, prog_bar=True, batch_size=x.shape[0])
+        # A non-finite loss still goes through backward on every rank; optimizer_step then skips together.
+        self.note_loss(loss, shown=out["recon_loss"])
         stats = self.masker.last_stats
         if "fallbacks" in stats:
             # Accumulated on the device; read (synchronised) only when logging.
             self.fallbacks_total = stats["fallbacks"] + self.fallbacks_total
-        if self._logging_now():
-            fg = stats.get("foreground_fraction")
-            if fg is None:
-                fg = foreground_grid(x, self.masker.size, self.threshold).float().mean()
-            self.last = {
-                "loss": float(out["recon_loss"].detach()),
-                "lr": lr,
-                "masked_fraction": float(out["mask"].float().mean()),
-                "foreground_fraction": float(fg),
-                "fallbacks": int(self.fallbacks_total),
-                "skipped_steps": self.skipped_steps,
-                "empty_masks": EMPTY_MASKS.value,
-            }
-            if self.teacher is not None:
-                self.last["r_t"] = float(stats["r_t"])
-                self.last["teacher_fg_share"] = float(stats["teacher_fg_share"])
-            if self.predicts_loss:
-                sel = out["mask"].flatten(1)
-                self.last["predictor_loss"] = float(out["predictor_loss"].detach())
-                self.last["spearman"] = float(spearman(out["predicted"][sel].detach(), out["true"][sel]))
-        if self._snapshot_now():
-            self.last_views = {k: v[:1].detach().float().cpu() for k, v in (("x", x), ("x_in", out["x_in"]), ("pred", out["pred"]))}
-            self.last_views["mask"] = out["mask"][:1].cpu()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=x.shape[0])
+        if self._logging_now() or self._snapshot_now():
+            self._seen = {"x": x.detach(), "out": out, "stats": dict(stats)}
         return loss
+
+    def step_ended(self) -> None:
+        # Runs on every rank after the last micro-batch of a step, so the gathers in step_row line up.
+        seen, self._seen = self._seen, {}
+        if seen and self._logging_now():
+            self.last = self.step_row(seen)
+        if seen and self._snapshot_now():
+            views = (("x", seen["x"]), ("x_in", seen["out"]["x_in"]), ("pred", seen["out"]["pred"]))
+            self.last_views = {k: v[:1].detach().float().cpu() for k, v in views}
+            self.last_views["mask"] = seen["out"]["mask"][:1].cpu()
+
+    def step_row(self, seen: dict) -> dict:
+        """The metrics.jsonl row of the step that just ended (its last micro-batch's mask and crops)."""
+        x, out, stats = seen["x"], seen["out"], seen["stats"]
+        fg = stats.get("foreground_fraction")
+        if fg is None:
+            fg = foreground_grid(x, self.masker.size, self.threshold).float().mean()
+        row = {
+            "loss": self.step_loss(),
+            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "masked_fraction": float(out["mask"].float().mean()),
+            "foreground_fraction": float(fg),
+            "fallbacks": int(self.fallbacks_total),
+            "skipped_steps": self.skipped_steps,
+            "empty_masks": EMPTY_MASKS.value,
+        }
+        if self.teacher is not None:
+            row["r_t"] = float(stats["r_t"])
+            row["teacher_fg_share"] = float(stats["teacher_fg_share"])
+        if self.predicts_loss:
+            sel = out["mask"].flatten(1)
+            row["predictor_loss"] = float(out["predictor_loss"].detach())
+            row["spearman"] = float(spearman(out["predicted"][sel].detach(), out["true"][sel]))
+        if self.trainer.world_size > 1:
+            # The loss over all ranks, and per-rank fingerprints of this step's crops and masks (they must differ).
+            losses, crops, masks = gather_scalars(self, [torch.tensor(row["loss"]), tensor_digest(x),
+                                                         tensor_digest(out["mask"])])
+            row.update(loss=sum(losses) / len(losses), rank_loss=losses, rank_crop_digest=crops,
+                       rank_mask_digest=masks)
+        return row
 
     def _logging_now(self) -> bool:
         step = self.global_step + 1
@@ -254,13 +254,20 @@ class MaskedImageModel(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         # A fixed mask seed makes validation losses comparable across steps.
-        self._val_rng = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 99_991)
+        self._val_rng = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.seed, self.global_rank, 99_991))
+        self._val_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int):
         x = torch.as_tensor(batch["image"]).float()
+        w = torch.as_tensor(batch["weight"]).to(self.device, torch.float64)
         loss = self.reconstruct(x, self._val_rng)["loss"]
-        self.log("val/loss", loss, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+        self._val_sum += torch.stack([(loss.double() * w).sum(), w.sum()])
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        # Mean over the validation volumes, each counted once across ranks.
+        total, count = reduce_sum(self, self._val_sum).tolist()
+        self.log("val/loss", total / max(count, 1.0), prog_bar=True)
 
     def configure_optimizers(self):
         o, t = self.cfg.optim, self.cfg.train
@@ -292,120 +299,100 @@ class MaskedImageModel(pl.LightningModule):
 
 
 class RunArtifacts(Callback):
-    """metrics.jsonl at every logged step, snapshots, and encoder.pt beside each checkpoint."""
+    """Rank 0 writes metrics.jsonl at every logged step, snapshots, and encoder.pt beside each checkpoint."""
 
     def __init__(self, run_dir: Path, ckpt_every: int) -> None:
         self.run_dir = run_dir
         self.ckpt_every = ckpt_every
 
     def on_train_batch_end(self, trainer, pl_module: MaskedImageModel, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or not pl_module.stepped:
             return
         step = trainer.global_step
         if pl_module.last:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": step, **pl_module.last}) + "\n")
+            append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **pl_module.last})
             pl_module.last = {}
-        views = getattr(pl_module, "last_views", None)
-        if views is not None:
+        if pl_module.last_views is not None:
             from .visualize import save_snapshot
 
-            save_snapshot(views, pl_module.masker.size, self.run_dir / "snapshots" / f"step_{step:06d}.png", step)
+            save_snapshot(pl_module.last_views, pl_module.masker.size,
+                          self.run_dir / "snapshots" / f"step_{step:06d}.png", step)
             pl_module.last_views = None
         if step % self.ckpt_every == 0:
             pl_module.export_encoder(self.run_dir)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": trainer.global_step,
-                                     "val_loss": float(trainer.callback_metrics["val/loss"])}) + "\n")
+            append_jsonl(self.run_dir / "metrics.jsonl",
+                         {"step": trainer.global_step, "val_loss": float(trainer.callback_metrics["val/loss"])})
 
 
 def ensure_phantoms(cfg) -> None:
-    """Generate the built-in phantoms when the config asks for them and they are absent."""
+    """Generate the built-in phantoms when the config asks for them and they are absent (rank 0; others wait)."""
     ph = cfg.data.phantoms
-    if ph is None or (Path(ph.dir) / "dataset.json").exists():
+    if ph is None:
         return
     from .phantoms import PhantomSpec, write_phantoms
 
-    log.warning("generating %d phantoms in %s", ph.n, ph.dir)
-    write_phantoms(ph.dir, n=ph.n, seed=ph.seed, spec=PhantomSpec(spacing=ph.spacing))
+    def write() -> None:
+        log.warning("generating %d phantoms in %s", ph.n, ph.dir)
+        write_phantoms(ph.dir, n=ph.n, seed=ph.seed, spec=PhantomSpec(spacing=ph.spacing))
+
+    first_rank_prepares(Path(ph.dir) / "dataset.json", write)
 
 
-def make_loaders(cfg: PretrainConfig) -> tuple[DataLoader, DataLoader | None]:
-    """Training loader of random ROI crops (cached preprocessing) and an optional centre-crop val loader."""
+def make_loaders(cfg: PretrainConfig, trainer: pl.Trainer):
+    """This rank's endless loader of random ROI crops (cached preprocessing) and its share of the centre-crop
+    validation volumes (or None)."""
     d, t = cfg.data, cfg.train
     preset = d.preset_obj()
+    rank, world = trainer.global_rank, trainer.world_size
     train_items = load_datalists(d.train, d.train_split)
+    per_batch = check_fill(len(train_items), t.batch_size, d.samples_per_volume, world, _name(d.train))
     train_ds = make_dataset(train_items, pretrain_transforms(preset, d.roi, d.samples_per_volume), d.cache_dir,
                             cache_key=(preset,), skip_bad=d.skip_bad)
-    train = DataLoader(
-        train_ds, batch_size=t.batch_size // d.samples_per_volume, shuffle=True, drop_last=len(train_ds) > 1,
-        num_workers=d.num_workers, persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available(),
-    )
+    train = train_loader(train_ds, cfg.seed, per_batch, trainer, d.num_workers)
     val = None
     if d.val:
         val_items = load_datalists(d.val, d.val_split)
-        val_ds = make_dataset(val_items, center_transforms(preset, d.roi), d.cache_dir,
+        if not val_items:
+            raise DataError(_name(d.val), f"the '{d.val_split}' split is empty")
+        val_ds = make_dataset(shard(val_items, rank, world), center_transforms(preset, d.roi), d.cache_dir,
                               cache_key=(preset, "center", list(d.roi)), skip_bad=d.skip_bad)
+        from monai.data import DataLoader
+
         val = DataLoader(val_ds, batch_size=1, num_workers=min(1, d.num_workers))
     return train, val
 
 
-def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Trainer:
-    """The Lightning Trainer both engines use: step-based, validation every ``t.val_every`` steps, TensorBoard."""
-    return pl.Trainer(
-        default_root_dir=run_dir,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        precision=resolve_precision(t.precision),
-        max_steps=t.max_steps,
-        max_epochs=None,
-        accumulate_grad_batches=t.accumulate,
-        gradient_clip_val=t.grad_clip,
-        logger=TensorBoardLogger(run_dir, name="tensorboard", version=""),
-        callbacks=callbacks,
-        log_every_n_steps=t.log_every,
-        # Validation counts optimiser steps across epochs, not batches within one.
-        check_val_every_n_epoch=None if validate else 1,
-        val_check_interval=min(t.val_every, t.max_steps) if validate else None,
-        num_sanity_val_steps=0,
-        limit_val_batches=None if validate else 0,
-        enable_progress_bar=t.progress_bar,
-        enable_model_summary=False,
-    )
-
-
-def last_checkpoint(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "last.ckpt"
+def _name(source) -> str:
+    return str(source if isinstance(source, str) else source[0])
 
 
 def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     """Run (or resume) a pretraining; return the path of the exported encoder.pt.
 
     resume: a checkpoint path, or ``"last"`` for RUN_DIR/checkpoints/last.ckpt.
+    Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
     run_dir = Path(cfg.run_dir)
-    ckpt_path = None
-    if resume is not None:
-        ckpt_path = last_checkpoint(run_dir) if str(resume) == "last" else Path(resume)
-        if not ckpt_path.exists():
-            raise SubforeError(f"{ckpt_path}: no checkpoint to resume from")
+    ckpt_path = resolve_resume(run_dir, resume)
     check_roi(cfg.model.name, cfg.data.roi, cfg.masking.subvolume_size)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    pl.seed_everything(cfg.seed, verbose=False)
     ensure_phantoms(cfg)
-    train_loader, val_loader = make_loaders(cfg)
     model = MaskedImageModel(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
     t = cfg.train
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                  every_n_train_steps=t.ckpt_every, save_on_train_epoch_end=False)
-    trainer = make_trainer(run_dir, t, [checkpoint, RunArtifacts(run_dir, t.ckpt_every)], val_loader is not None)
-    trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    control = RunControl(run_dir, on_end=lambda: model.export_encoder(run_dir))
+    trainer = make_trainer(run_dir, t, [checkpoint, RunArtifacts(run_dir, t.ckpt_every), control],
+                           cfg.data.val is not None)
+    train_loader_, val_loader = make_loaders(cfg, trainer)
     if trainer.is_global_zero:
-        trainer.save_checkpoint(last_checkpoint(run_dir))
-        return model.export_encoder(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    trainer.fit(model, train_dataloaders=train_loader_, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    if model.preempted:
+        raise Preempted(f"{control.last}: stopped by a signal at step {trainer.global_step}, checkpoint saved; "
+                        f"continue with --resume")
     return run_dir / "encoder.pt"
