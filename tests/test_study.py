@@ -31,8 +31,17 @@ def micro(phantom_dir, tmp_path, **study_keys) -> dict:
 
 
 def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, tmp_path, monkeypatch):
+    import subfore.evaluate
+    import subfore.study as mod
+
     cfg = load_config(None, [], StudyConfig, base=micro(phantom_dir, tmp_path))
+    # Scoring runs on the device the finetuning trained on (train.accelerator), not always the CPU.
+    devices, real_evaluate = [], subfore.evaluate.evaluate
+    monkeypatch.setattr(mod, "device_for", lambda accelerator: f"as-trained:{accelerator}")
+    monkeypatch.setattr(subfore.evaluate, "evaluate",
+                        lambda *a, device, **k: devices.append(device) or real_evaluate(*a, device="cpu", **k))
     out = study(cfg)
+    assert devices == ["as-trained:auto"] * 2
     results = json.loads((out / "results.json").read_text())
     assert results["arms"] == ["scratch", "foreground"]
     assert [(r["arm"], r["seed"]) for r in results["runs"]] == [("scratch", 0), ("foreground", 0)]
@@ -46,8 +55,6 @@ def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, 
     for png in ("dice.png", "curves.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # Resume: finished arms are not run again.
-    import subfore.study as mod
-
     def fail(*a, **k):
         raise AssertionError("a finished arm ran again")
 

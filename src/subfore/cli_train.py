@@ -59,11 +59,9 @@ def _resume(resume: bool, resume_from: Optional[Path]):
 
 
 def _device(device: str) -> str:
-    import torch
+    from .engine import device_for
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return device_for("cuda") if device == "auto" else device
 
 
 def _roi(roi: Optional[str]):

@@ -328,6 +328,15 @@ def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | Non
     return path
 
 
+def device_for(accelerator: str) -> str:
+    """The torch device that Lightning's ``accelerator`` setting trains on (for inference after training)."""
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "cuda"
+    if accelerator in ("mps", "auto") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def resolve_precision(precision: str) -> str:
     """'auto' → 'bf16-mixed' on a CUDA GPU that supports it, else '32'."""
     if precision != "auto":

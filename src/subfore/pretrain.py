@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -310,7 +311,7 @@ class RunArtifacts(Callback):
             return
         step = trainer.global_step
         if pl_module.last:
-            append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **pl_module.last})
+            append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **pl_module.last, "time": round(time.time(), 3)})
             pl_module.last = {}
         if pl_module.last_views is not None:
             from .visualize import save_snapshot

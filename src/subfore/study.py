@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from .config import PretrainConfig, Strict, load_config, set_dotted
+from .engine import device_for
 from .errors import ConfigError
 from .finetune import FinetuneConfig
 from .masking import REGISTRY
@@ -163,7 +164,8 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
             data, split = run / f"test_{t.name}.dataset.json", "validation"
             entry = {"image": str(Path(t.image).resolve()), "label": str(Path(t.label).resolve()) if t.label else None}
             data.write_text(json.dumps({"validation": [entry]}))
-        r = evaluate(best, data, run / f"test_{t.name}.json", split=split, label_map=t.label_map, method=arm)
+        r = evaluate(best, data, run / f"test_{t.name}.json", split=split, label_map=t.label_map, method=arm,
+                     device=device_for(fcfg.train.accelerator))
         tests[t.name] = {"dice": r["mean"]["dice"], "nsd": r["mean"]["nsd"], "mean_dice": r["mean"]["mean_dice"],
                          "mean_nsd": r["mean"]["mean_nsd"], "classes": r["classes"]}
     result = {"arm": arm, "seed": seed, "tests": tests, "pretrain_loss": pre_curve,
