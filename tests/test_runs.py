@@ -112,6 +112,7 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(phantom_dir, tmp_path,
     killed = subfore("pretrain", "--config", cfg, fault="kill9@5")
     assert killed.returncode == -signal.SIGKILL
     assert ckpt_step(run_dir(cfg) / "checkpoints" / "last.ckpt") == 4
+    assert losses(run_dir(cfg)) == reference[:4]  # same seed, any num_workers: bit-identical
     ok(subfore("pretrain", "--resume", "--config", cfg))  # the bare flag, before the other options
     assert_same_losses(losses(run_dir(cfg)), reference)  # steps logged before the kill are not repeated
 
@@ -126,6 +127,27 @@ def test_signal_saves_the_current_step_exits_75_and_resumes_exactly(phantom_dir,
     assert ckpt_step(last) == 3  # ckpt_every is 2: this checkpoint exists only because of the signal
     ok(subfore("pretrain", "--config", cfg, "--resume-from", last))
     assert_same_losses(losses(run_dir(cfg)), reference)
+
+
+def test_signal_during_setup_stops_at_the_first_step_and_on_the_last_step_finishes(phantom_dir, tmp_path):
+    early = write_config(tmp_path / "early.yaml", phantom_dir)
+    stopped = subfore("pretrain", "--config", early, fault="sigterm@start")
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert ckpt_step(run_dir(early) / "checkpoints" / "last.ckpt") == 1
+    late = write_config(tmp_path / "late.yaml", phantom_dir, train={"max_steps": 2})
+    ok(subfore("pretrain", "--config", late, fault="sigusr1@2"))  # the run is complete: nothing to resume
+    assert ckpt_step(run_dir(late) / "checkpoints" / "last.ckpt") == 2
+
+
+def test_a_fresh_start_never_mixes_with_an_existing_run(phantom_dir, tmp_path, reference):
+    cfg = write_config(tmp_path / "x.yaml", phantom_dir, train={"max_steps": 2})
+    ok(subfore("pretrain", "--resume-if-exists", "--config", cfg))  # nothing there yet: starts
+    again = subfore("pretrain", "--config", cfg, "--set", "train.max_steps=4")
+    assert again.returncode == 1
+    assert error_lines(again) == [f"error: {run_dir(cfg) / 'checkpoints' / 'last.ckpt'}: this run_dir already "
+                                  f"holds a run; continue it with --resume, or choose another run_dir"]
+    ok(subfore("pretrain", "--config", cfg, "--set", "train.max_steps=6", "--resume-if-exists"))
+    assert [s for s, _ in losses(run_dir(cfg))] == [1, 2, 3, 4, 5, 6]
 
 
 def test_resume_without_a_checkpoint_is_one_line(phantom_dir, tmp_path):

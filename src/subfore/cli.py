@@ -1,7 +1,7 @@
 """The ``subfore`` command line: a thin layer over the Python API.
 
 User errors (bad files, bad config) print one line to stderr and exit 1; ``--debug`` shows the traceback.
-A run stopped by SIGTERM/SIGUSR1 saves its checkpoint and exits 75 (``subfore.engine.EXIT_PREEMPTED``).
+A run stopped by SIGTERM/SIGUSR1 saves its checkpoint and exits 75 (``subfore.preempt.EXIT_PREEMPTED``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from .cli import app
+from .preempt import STOP
 
 
 @app.command()
@@ -16,16 +17,19 @@ def pretrain(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set masking.ratio=0.5"),
     resume: bool = typer.Option(False, "--resume", help="continue RUN_DIR/checkpoints/last.ckpt"),
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint"),
+    resume_if_exists: bool = typer.Option(False, "--resume-if-exists",
+                                          help="continue last.ckpt when there is one, else start (job scripts)"),
 ) -> None:
     """Pretrain a backbone by masked image modelling (SubFore and friends).
 
     Exit status: 0 done, 1 bad input, 75 stopped by SIGTERM/SIGUSR1 after saving last.ckpt (rerun with --resume).
     """
+    STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
     from .config import load_config
     from .pretrain import pretrain as run
 
     cfg = load_config(config, set_ or [])
-    encoder = run(cfg, resume=_resume(resume, resume_from))
+    encoder = run(cfg, resume=_resume(resume, resume_from, resume_if_exists))
     typer.echo(f"done: {encoder}")
 
 
@@ -36,26 +40,32 @@ def finetune(
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="RUN_DIR/encoder.pt or any checkpoint"),
     resume: bool = typer.Option(False, "--resume", help="continue RUN_DIR/checkpoints/last.ckpt"),
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint"),
+    resume_if_exists: bool = typer.Option(False, "--resume-if-exists",
+                                          help="continue last.ckpt when there is one, else start (job scripts)"),
 ) -> None:
     """Finetune a segmentation network (optionally from pretrained weights).
 
     Exit status: 0 done, 1 bad input, 75 stopped by SIGTERM/SIGUSR1 after saving last.ckpt (rerun with --resume).
     """
+    STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
     from .config import load_config
     from .finetune import FinetuneConfig
     from .finetune import finetune as run
 
     cfg = load_config(config, set_ or [], FinetuneConfig)
-    best = run(cfg, pretrained=pretrained, resume=_resume(resume, resume_from))
+    best = run(cfg, pretrained=pretrained, resume=_resume(resume, resume_from, resume_if_exists))
     typer.echo(f"done: {best}")
 
 
-def _resume(resume: bool, resume_from: Optional[Path]):
+def _resume(resume: bool, resume_from: Optional[Path], if_exists: bool):
+    """The ``resume`` argument of pretrain()/finetune() for the three mutually exclusive flags."""
     from .errors import SubforeError
 
-    if resume and resume_from is not None:
-        raise SubforeError("give either --resume (RUN_DIR/checkpoints/last.ckpt) or --resume-from PATH, not both")
-    return str(resume_from) if resume_from is not None else ("last" if resume else None)
+    if resume + (resume_from is not None) + if_exists > 1:
+        raise SubforeError("give one of --resume, --resume-from PATH and --resume-if-exists")
+    if resume_from is not None:
+        return str(resume_from)
+    return "last" if resume else ("auto" if if_exists else None)
 
 
 def _device(device: str) -> str:
@@ -145,6 +155,7 @@ def study(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set study.seeds=[0]"),
 ) -> None:
     """Pretrain, finetune and score every masking arm over seeds; resumable (finished arms are skipped)."""
+    STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
     from .config import load_config
     from .study import StudyConfig
     from .study import study as run

@@ -28,19 +28,9 @@ from monai.data.utils import worker_init_fn as monai_worker_init
 from torch.utils.data import Dataset, Sampler
 
 from .errors import SubforeError
+from .preempt import PREEMPT_SIGNALS, STOP, StopRequest, Preempted  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-#: Exit status of a run stopped by SIGTERM/SIGUSR1 after saving its checkpoint (sysexits' EX_TEMPFAIL).
-EXIT_PREEMPTED = 75
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(SubforeError):
-    """The run saved a checkpoint on SIGTERM/SIGUSR1 and stopped; ``--resume`` continues it."""
-
-    exit_code = EXIT_PREEMPTED
-
 
 def mix_seed(*values: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence; the same on every platform)."""
@@ -163,7 +153,7 @@ class RunModule(pl.LightningModule):
         self.max_bad_steps = max_bad_steps
         self.skipped_steps = 0
         self.bad_in_a_row = 0
-        self.stop_signal: int | None = None  # set by RunControl's signal handler
+        self.stop_request: StopRequest | None = None  # set by RunControl
         self.preempted = False
         self.stepped = False  # one optimiser step (taken or skipped) has just ended
         self._window_bad: torch.Tensor | None = None
@@ -202,11 +192,11 @@ class RunModule(pl.LightningModule):
         loss = optimizer_closure()
         bad = self._window_bad if self._window_bad is not None else torch.tensor(False)
         flags = torch.stack([bad.float().to(self.device),
-                             torch.tensor(float(self.stop_signal is not None), device=self.device)])
+                             torch.tensor(float(self._stop_asked()), device=self.device)])
         n_bad, n_stop = reduce_sum(self, flags).tolist()
         self._last_window, self._window_loss, self._window_bad = self._window_loss, [], None
         self.stepped = True
-        if n_stop:
+        if n_stop and self.global_step + 1 < self.trainer.max_steps:  # on the last step, just finish
             self.preempted = True
             self.trainer.should_stop = True
         if n_bad:
@@ -225,6 +215,9 @@ class RunModule(pl.LightningModule):
             optimizer.step(closure=lambda: loss)
             self.after_step()
         self.step_ended()
+
+    def _stop_asked(self) -> bool:
+        return self.stop_request is not None and self.stop_request.signal is not None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint.setdefault("subfore", {}).update(skipped_steps=self.skipped_steps, bad_in_a_row=self.bad_in_a_row)
@@ -254,17 +247,17 @@ def truncate_jsonl(path: Path, step: int) -> None:
 class RunControl(Callback):
     """Signals, the final checkpoint, replica checks and the metrics file's consistency on resume.
 
-    - SIGTERM/SIGUSR1 set a flag; at the next optimiser step every rank agrees, saves ``last.ckpt`` at that
-      step and stops (the caller then raises :class:`Preempted`).
+    - SIGTERM/SIGUSR1 set a flag (:class:`StopRequest`); at the next optimiser step every rank agrees, saves
+      ``last.ckpt`` at that step and stops (the caller then raises :class:`Preempted`).
     - At the end every rank joins the save of ``last.ckpt`` (a collective under DDP), then ``on_end`` runs
       on rank 0 (export), then all ranks wait for it.
     - Under DDP the weights of every rank are hashed and compared: they must be equal bit for bit.
     """
 
-    def __init__(self, run_dir: Path, on_end: Callable[[], None] | None = None) -> None:
+    def __init__(self, run_dir: Path, stop: StopRequest, on_end: Callable[[], None] | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.stop = stop
         self.on_end = on_end
-        self._old: dict = {}
 
     @property
     def last(self) -> Path:
@@ -273,23 +266,11 @@ class RunControl(Callback):
     def on_train_start(self, trainer, module: RunModule) -> None:
         if trainer.is_global_zero and trainer.global_step > 0:
             truncate_jsonl(self.run_dir / "metrics.jsonl", trainer.global_step)
-        if threading.current_thread() is threading.main_thread():
-            def request_stop(signum, frame):
-                module.stop_signal = signum
-
-            for sig in PREEMPT_SIGNALS:
-                self._old[sig] = signal.signal(sig, request_stop)
-
-    def _restore_signals(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._old = {}
-
-    def on_exception(self, trainer, module, exception) -> None:
-        self._restore_signals()
+        # Lightning has just installed its own SIGTERM handler (it kills the other ranks): ours goes back on top.
+        module.stop_request = self.stop
+        self.stop.install()
 
     def on_train_end(self, trainer, module: RunModule) -> None:
-        self._restore_signals()
         trainer.save_checkpoint(self.last)  # every rank: the save holds a barrier
         if trainer.world_size > 1:
             self._check_replicas(trainer, module)
@@ -319,10 +300,21 @@ def gather_scalars(module: pl.LightningModule, values: Sequence[torch.Tensor]) -
 
 
 def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | None:
-    """``None`` → fresh run; ``"last"`` → RUN_DIR/checkpoints/last.ckpt; else a checkpoint path. It must exist."""
+    """The checkpoint to continue from, or None for a fresh run.
+
+    resume: ``None`` (fresh; refused when RUN_DIR already holds a checkpoint, so two runs never mix),
+    ``"last"`` (RUN_DIR/checkpoints/last.ckpt, which must exist), ``"auto"`` (last.ckpt if it exists, else
+    fresh: for job scripts and elastic restarts), or a checkpoint path.
+    """
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if resume is None:
+        if last.exists():
+            raise SubforeError(f"{last}: this run_dir already holds a run; continue it with --resume, or choose "
+                               f"another run_dir")
         return None
-    path = Path(run_dir) / "checkpoints" / "last.ckpt" if str(resume) == "last" else Path(resume)
+    if str(resume) == "auto":
+        return last if last.exists() else None
+    path = last if str(resume) == "last" else Path(resume)
     if not path.exists():
         raise SubforeError(f"{path}: no checkpoint to resume from")
     return path

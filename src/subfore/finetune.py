@@ -45,7 +45,9 @@ from .errors import ConfigError, DataError, SubforeError
 from .engine import (
     Preempted,
     RunControl,
+    STOP,
     RunModule,
+    StopRequest,
     append_jsonl,
     check_fill,
     make_trainer,
@@ -325,6 +327,14 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
 
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
+    STOP.install()
+    try:
+        return _finetune(cfg, pretrained, resume, STOP)
+    finally:
+        STOP.restore()
+
+
+def _finetune(cfg: FinetuneConfig, pretrained, resume, stop: StopRequest) -> Path:
     d = cfg.data
     check_roi(cfg.model.name, d.roi)
     run_dir = Path(cfg.run_dir)
@@ -357,7 +367,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     if val_items is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/dice", mode="max",
                                          save_top_k=1, enable_version_counter=False))
-    control = RunControl(run_dir)
+    control = RunControl(run_dir, stop)
     trainer = make_trainer(run_dir, t, callbacks + [control], validate=val_items is not None)
     rank, world = trainer.global_rank, trainer.world_size
     per_batch = check_fill(len(items), t.batch_size, d.samples_per_volume, world,

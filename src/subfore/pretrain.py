@@ -26,7 +26,9 @@ from .data.transforms import center_transforms, pretrain_transforms
 from .engine import (
     Preempted,
     RunControl,
+    STOP,
     RunModule,
+    StopRequest,
     append_jsonl,
     check_fill,
     first_rank_prepares,
@@ -373,9 +375,17 @@ def _name(source) -> str:
 def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     """Run (or resume) a pretraining; return the path of the exported encoder.pt.
 
-    resume: a checkpoint path, or ``"last"`` for RUN_DIR/checkpoints/last.ckpt.
+    resume: a checkpoint path, ``"last"`` for RUN_DIR/checkpoints/last.ckpt, or ``"auto"`` (last.ckpt if present).
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
+    STOP.install()
+    try:
+        return _pretrain(cfg, resume, STOP)
+    finally:
+        STOP.restore()
+
+
+def _pretrain(cfg: PretrainConfig, resume, stop: StopRequest) -> Path:
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_resume(run_dir, resume)
     check_roi(cfg.model.name, cfg.data.roi, cfg.masking.subvolume_size)
@@ -385,7 +395,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     t = cfg.train
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                  every_n_train_steps=t.ckpt_every, save_on_train_epoch_end=False)
-    control = RunControl(run_dir, on_end=lambda: model.export_encoder(run_dir))
+    control = RunControl(run_dir, stop, on_end=lambda: model.export_encoder(run_dir))
     trainer = make_trainer(run_dir, t, [checkpoint, RunArtifacts(run_dir, t.ckpt_every), control],
                            cfg.data.val is not None)
     train_loader_, val_loader = make_loaders(cfg, trainer)

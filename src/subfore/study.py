@@ -143,17 +143,15 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
         tree = _tree(cfg.pretrain, {**over, "run_dir": str(run / "pretrain"), "seed": seed})
         tree.setdefault("data", {})["train"] = st.pretrain_data + _existing(st.pretrain_data_optional)
         pcfg = load_config(None, [], PretrainConfig, base=tree)
-        last = run / "pretrain" / "checkpoints" / "last.ckpt"
-        # A half-finished pretraining resumes; metrics.jsonl keeps appending from its step.
-        encoder = pretrain(pcfg, resume="last" if last.exists() else None)
+        encoder = pretrain(pcfg, resume="auto")
         pre_curve = _curve(run / "pretrain" / "metrics.jsonl", "loss")
     ft_tree = _tree(cfg.finetune, {"run_dir": str(run / "finetune"), "seed": seed})
     ft_tree.setdefault("data", {})["train"] = st.finetune_data
     if st.finetune_val is not None:
         ft_tree["data"]["val"] = st.finetune_val
     fcfg = load_config(None, [], FinetuneConfig, base=ft_tree)
-    (run / "finetune" / "metrics.jsonl").unlink(missing_ok=True)
-    best = finetune(fcfg, pretrained=encoder)
+    # A half-finished run (pretraining or finetuning) continues exactly where it stopped.
+    best = finetune(fcfg, pretrained=encoder, resume="auto")
     tests = {}
     for t in st.test:
         data, split = t.data, t.split

@@ -2,7 +2,8 @@
 
 SUBFORE_TEST_FAULT="KIND@STEP[:RANK]" acts when optimiser step STEP (1-based) begins on RANK (default: all):
 ``kill9`` (SIGKILL, nothing saved), ``sigterm``/``sigusr1`` (the signal to this process), ``nan`` (this rank's
-loss becomes NaN). STEP ``*`` means every step.
+loss becomes NaN). STEP ``*`` means every step; STEP ``start`` sends the signal while the run is being set up
+(before Lightning's trainer exists).
 """
 
 import os
@@ -17,7 +18,7 @@ if _spec:
     _step, _, _rank = _where.partition(":")
 
     def _hit(module) -> bool:
-        step_ok = _step == "*" or module.global_step + 1 == int(_step)
+        step_ok = _step == "*" or (_step.isdigit() and module.global_step + 1 == int(_step))
         return step_ok and (not _rank or module.global_rank == int(_rank))
 
     _start = RunModule.on_train_batch_start
@@ -50,5 +51,16 @@ if _spec:
 
     for _cls in (MaskedImageModel, SegmentationModel):
         _cls.training_step = _nan_loss(_cls.training_step)
+
+    if _step == "start":
+        import subfore.pretrain
+
+        _make_trainer = subfore.pretrain.make_trainer
+
+        def make_trainer(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM if _kind == "sigterm" else signal.SIGUSR1)
+            return _make_trainer(*args, **kwargs)
+
+        subfore.pretrain.make_trainer = make_trainer
     RunModule.on_train_batch_start = on_train_batch_start
     RunModule.note_loss = note_loss
