@@ -199,6 +199,8 @@ class RunModule(pl.LightningModule):
         if n_stop and self.global_step + 1 < self.trainer.max_steps:  # on the last step, just finish
             self.preempted = True
             self.trainer.should_stop = True
+            # Lightning validates before an early stop; a preempted job has no time for that.
+            self.trainer.limit_val_batches = 0
         if n_bad:
             self.skipped_steps += 1
             self.bad_in_a_row += 1
