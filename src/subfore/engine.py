@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +40,7 @@ from .data.datalist import load_datalists
 from .data.dataset import make_dataset
 from .data.presets import Preset
 from .data.transforms import preprocess, source_name
-from .errors import ConfigError, DataError, SubforeError
+from .errors import DataError, SubforeError
 from .engine import (
     Preempted,
     RunControl,
