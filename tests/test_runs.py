@@ -206,6 +206,13 @@ def test_two_processes_signal_on_rank0_stops_both_and_resume_continues(phantom_d
     assert_same_losses(losses(run_dir(cfg)), losses(reference_two[0]))
 
 
+def test_two_processes_signal_inside_fit_before_training_stops_at_step_one(phantom_dir, tmp_path):
+    cfg = write_config(tmp_path / "f.yaml", phantom_dir, train={**TWO, "max_steps": 3})
+    stopped = subfore("pretrain", "--config", cfg, fault="sigterm@fit:0")  # with Lightning's handler: exit 0, no checkpoint
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert ckpt_step(run_dir(cfg) / "checkpoints" / "last.ckpt") == 1
+
+
 def test_nan_on_one_rank_skips_the_step_on_every_rank(phantom_dir, tmp_path):
     """After a NaN at step 2 on rank 1 only, the state equals the state after step 1: weights, teacher, AdamW."""
     one = write_config(tmp_path / "one.yaml", phantom_dir, train={**TWO, "max_steps": 1})

@@ -355,7 +355,7 @@ def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Traine
         # Started by torchrun or srun: one process per device, on as many nodes as the launcher used.
         devices, nodes = external
         num_nodes = nodes if num_nodes == 1 else num_nodes
-    return pl.Trainer(
+    trainer = pl.Trainer(
         default_root_dir=run_dir,
         accelerator=t.accelerator,
         devices=devices,
@@ -378,6 +378,10 @@ def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Traine
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
     )
+    # Lightning's SIGTERM handler broadcasts from inside the handler on whichever rank got the signal, which
+    # deadlocks DDP (rank 0 in broadcast, the others in a barrier); STOP handles the signals on every rank.
+    trainer._signal_connector.register_signal_handlers = lambda: None
+    return trainer
 
 
 def launched_layout() -> tuple[int, int] | None:

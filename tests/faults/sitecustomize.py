@@ -3,7 +3,7 @@
 SUBFORE_TEST_FAULT="KIND@STEP[:RANK]" acts when optimiser step STEP (1-based) begins on RANK (default: all):
 ``kill9`` (SIGKILL, nothing saved), ``sigterm``/``sigusr1`` (the signal to this process), ``nan`` (this rank's
 loss becomes NaN). STEP ``*`` means every step; STEP ``start`` sends the signal while the run is being set up
-(before Lightning's trainer exists).
+(before Lightning's trainer exists), STEP ``fit`` inside Trainer.fit before training starts.
 """
 
 import os
@@ -51,6 +51,19 @@ if _spec:
 
     for _cls in (MaskedImageModel, SegmentationModel):
         _cls.training_step = _nan_loss(_cls.training_step)
+
+    if _step == "fit":
+        # Inside Trainer.fit just before training: the loader's first iteration (Lightning's handlers are up).
+        from subfore.engine import StepSampler
+
+        _iter = StepSampler.__iter__
+
+        def __iter__(self):
+            if not _rank or self.rank == int(_rank):
+                os.kill(os.getpid(), signal.SIGTERM if _kind == "sigterm" else signal.SIGUSR1)
+            return _iter(self)
+
+        StepSampler.__iter__ = __iter__
 
     if _step == "start":
         import subfore.pretrain
