@@ -109,12 +109,12 @@ def test_reference_run_logs_each_step_once(reference):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill9_then_resume_gives_the_uninterrupted_losses(phantom_dir, tmp_path, reference, workers):
     cfg = write_config(tmp_path / "k.yaml", phantom_dir, data={"num_workers": workers})
-    killed = subfore("pretrain", "--config", cfg, fault="kill9@5")
+    killed = subfore("pretrain", "--config", cfg, fault="kill9@6")
     assert killed.returncode == -signal.SIGKILL
     assert ckpt_step(run_dir(cfg) / "checkpoints" / "last.ckpt") == 4
-    assert losses(run_dir(cfg)) == reference[:4]  # same seed, any num_workers: bit-identical
+    assert losses(run_dir(cfg)) == reference[:5]  # same seed, any num_workers: bit-identical
     ok(subfore("pretrain", "--resume", "--config", cfg))  # the bare flag, before the other options
-    assert_same_losses(losses(run_dir(cfg)), reference)  # steps logged before the kill are not repeated
+    assert_same_losses(losses(run_dir(cfg)), reference)  # step 5, logged before the kill, is not repeated
 
 
 @pytest.mark.parametrize("sig", ["sigterm", "sigusr1"])
@@ -148,6 +148,13 @@ def test_a_fresh_start_never_mixes_with_an_existing_run(phantom_dir, tmp_path, r
                                   f"holds a run; continue it with --resume, or choose another run_dir"]
     ok(subfore("pretrain", "--config", cfg, "--set", "train.max_steps=6", "--resume-if-exists"))
     assert [s for s, _ in losses(run_dir(cfg))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_fresh_start_after_a_crash_before_any_checkpoint_starts_a_clean_log(phantom_dir, tmp_path, reference):
+    cfg = write_config(tmp_path / "c.yaml", phantom_dir, train={"ckpt_every": 4})
+    assert subfore("pretrain", "--config", cfg, fault="kill9@3").returncode == -signal.SIGKILL
+    ok(subfore("pretrain", "--resume-if-exists", "--config", cfg))  # no checkpoint yet: starts again
+    assert_same_losses(losses(run_dir(cfg)), reference)  # steps 1-2 of the dead run are not kept
 
 
 def test_resume_without_a_checkpoint_is_one_line(phantom_dir, tmp_path):
@@ -285,7 +292,7 @@ def test_torchrun_generates_phantoms_once_and_trains_hpm(tmp_path):
                        data={"train": str(ph / "dataset.json"), "cache_dir": str(tmp_path / "cache"),
                              "phantoms": {"dir": str(ph), "n": 3, "spacing": [3.0, 3.0, 4.0]}},
                        train={"batch_size": 1, "max_steps": 2})
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2"]
     proc = ok(subfore("pretrain", "--config", cfg, launcher=torchrun))
     assert proc.stderr.count("generating 3 phantoms") == 1
     digests = rows(run_dir(cfg))[-1]["replica_digests"]

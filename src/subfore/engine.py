@@ -48,7 +48,7 @@ class DrawDataset(Dataset):
         self.seed = seed
         self._epoch, self._perm = -1, None
 
-    def __len__(self) -> int:  # draws are unbounded; a sampler chooses them
+    def __len__(self) -> int:  # the volumes; the draws are unbounded, StepSampler chooses them
         return len(self.volumes)
 
     def volume_of(self, g: int) -> int:
@@ -265,11 +265,11 @@ class RunControl(Callback):
         return self.run_dir / "checkpoints" / "last.ckpt"
 
     def on_train_start(self, trainer, module: RunModule) -> None:
-        if trainer.is_global_zero and trainer.global_step > 0:
+        if trainer.is_global_zero:
+            # Rows after the checkpoint (or, on a fresh start, of a run that died before its first checkpoint)
+            # are rewritten by this run.
             truncate_jsonl(self.run_dir / "metrics.jsonl", trainer.global_step)
-        # Lightning has just installed its own SIGTERM handler (it kills the other ranks): ours goes back on top.
-        module.stop_request = self.stop
-        self.stop.install()
+        module.stop_request = self.stop  # installed by pretrain()/finetune(); Lightning's own is never installed
 
     def on_train_end(self, trainer, module: RunModule) -> None:
         trainer.save_checkpoint(self.last)  # every rank: the save holds a barrier

@@ -326,11 +326,15 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
 
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
-    STOP.install()
+    installed = STOP.install()  # the CLI installs it on its first line; the Python API here
     try:
         return _finetune(cfg, pretrained, resume, STOP)
+    except Preempted:
+        STOP.signal = None  # acted on: a later run in this process starts normally
+        raise
     finally:
-        STOP.restore()
+        if installed:
+            STOP.restore()
 
 
 def _finetune(cfg: FinetuneConfig, pretrained, resume, stop: StopRequest) -> Path:

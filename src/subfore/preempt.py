@@ -28,11 +28,13 @@ class StopRequest:
         self.signal: int | None = None
         self._old: dict = {}
 
-    def install(self) -> None:
-        """Take over the preemption signals (again, over Lightning's own handlers); first originals are kept."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in PREEMPT_SIGNALS:
-                self._old.setdefault(sig, signal.signal(sig, self._note))
+    def install(self) -> bool:
+        """Take over the preemption signals; True when this call did it (and so should ``restore``)."""
+        if threading.current_thread() is not threading.main_thread() or self._old:
+            return False
+        for sig in PREEMPT_SIGNALS:
+            self._old[sig] = signal.signal(sig, self._note)
+        return True
 
     def restore(self) -> None:
         for sig, handler in self._old.items():

@@ -119,7 +119,7 @@ class MaskedImageModel(RunModule):
     def step_generator(self) -> torch.Generator:
         """The mask generator of this micro-batch, seeded from (seed, rank, step, micro-batch).
 
-        Nothing to save or restore: a resumed run, on any number of ranks, draws the masks it would have drawn.
+        Nothing to save or restore: a resumed run (same number of ranks) draws the masks it would have drawn.
         """
         seed = mix_seed(self.cfg.seed, self.global_rank, self.global_step, self.micro_batch, 0x3A5C)
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -378,11 +378,15 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     resume: a checkpoint path, ``"last"`` for RUN_DIR/checkpoints/last.ckpt, or ``"auto"`` (last.ckpt if present).
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
-    STOP.install()
+    installed = STOP.install()  # the CLI installs it on its first line; the Python API here
     try:
         return _pretrain(cfg, resume, STOP)
+    except Preempted:
+        STOP.signal = None  # acted on: a later run in this process starts normally
+        raise
     finally:
-        STOP.restore()
+        if installed:
+            STOP.restore()
 
 
 def _pretrain(cfg: PretrainConfig, resume, stop: StopRequest) -> Path:
