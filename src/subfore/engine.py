@@ -255,7 +255,7 @@ class RunControl(Callback):
     - Under DDP the weights of every rank are hashed and compared: they must be equal bit for bit.
     """
 
-    def __init__(self, run_dir: Path, stop: StopRequest, on_end: Callable[[], None] | None = None) -> None:
+    def __init__(self, run_dir: Path, on_end: Callable[[], None] | None = None, stop: StopRequest = STOP) -> None:
         self.run_dir = Path(run_dir)
         self.stop = stop
         self.on_end = on_end
@@ -264,12 +264,25 @@ class RunControl(Callback):
     def last(self) -> Path:
         return self.run_dir / "checkpoints" / "last.ckpt"
 
+    def fit(self, trainer: pl.Trainer, module: RunModule, **fit_kwargs) -> None:
+        """``trainer.fit`` with the preemption signals noted (the CLI takes them earlier); raises Preempted."""
+        installed = self.stop.install()
+        try:
+            trainer.fit(module, **fit_kwargs)
+        finally:
+            if installed:
+                self.stop.restore()
+        if module.preempted:
+            self.stop.signal = None  # acted on: a later run in this process starts normally
+            raise Preempted(f"{self.last}: stopped by a signal at step {trainer.global_step}, checkpoint saved; "
+                            f"continue with --resume")
+
     def on_train_start(self, trainer, module: RunModule) -> None:
         if trainer.is_global_zero:
             # Rows after the checkpoint (or, on a fresh start, of a run that died before its first checkpoint)
             # are rewritten by this run.
             truncate_jsonl(self.run_dir / "metrics.jsonl", trainer.global_step)
-        module.stop_request = self.stop  # installed by pretrain()/finetune(); Lightning's own is never installed
+        module.stop_request = self.stop  # installed by the CLI or fit(); Lightning's own is never installed
 
     def on_train_end(self, trainer, module: RunModule) -> None:
         trainer.save_checkpoint(self.last)  # every rank: the save holds a barrier

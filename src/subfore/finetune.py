@@ -42,11 +42,8 @@ from .data.presets import Preset
 from .data.transforms import preprocess, source_name
 from .errors import DataError, SubforeError
 from .engine import (
-    Preempted,
     RunControl,
-    STOP,
     RunModule,
-    StopRequest,
     append_jsonl,
     check_fill,
     make_trainer,
@@ -326,18 +323,6 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
 
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
-    installed = STOP.install()  # the CLI installs it on its first line; the Python API here
-    try:
-        return _finetune(cfg, pretrained, resume, STOP)
-    except Preempted:
-        STOP.signal = None  # acted on: a later run in this process starts normally
-        raise
-    finally:
-        if installed:
-            STOP.restore()
-
-
-def _finetune(cfg: FinetuneConfig, pretrained, resume, stop: StopRequest) -> Path:
     d = cfg.data
     check_roi(cfg.model.name, d.roi)
     run_dir = Path(cfg.run_dir)
@@ -370,7 +355,7 @@ def _finetune(cfg: FinetuneConfig, pretrained, resume, stop: StopRequest) -> Pat
     if val_items is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/dice", mode="max",
                                          save_top_k=1, enable_version_counter=False))
-    control = RunControl(run_dir, stop)
+    control = RunControl(run_dir)
     trainer = make_trainer(run_dir, t, callbacks + [control], validate=val_items is not None)
     rank, world = trainer.global_rank, trainer.world_size
     per_batch = check_fill(len(items), t.batch_size, d.samples_per_volume, world,
@@ -395,10 +380,7 @@ def _finetune(cfg: FinetuneConfig, pretrained, resume, stop: StopRequest) -> Pat
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    trainer.fit(model, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
-    if model.preempted:
-        raise Preempted(f"{control.last}: stopped by a signal at step {trainer.global_step}, checkpoint saved; "
-                        f"continue with --resume")
+    control.fit(trainer, model, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
     best = ckpt_dir / "best.ckpt"
     return best if best.exists() else control.last
 

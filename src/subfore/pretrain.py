@@ -24,11 +24,8 @@ from .data.datalist import load_datalists
 from .data.dataset import make_dataset
 from .data.transforms import center_transforms, pretrain_transforms
 from .engine import (
-    Preempted,
     RunControl,
-    STOP,
     RunModule,
-    StopRequest,
     append_jsonl,
     check_fill,
     first_rank_prepares,
@@ -378,18 +375,6 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     resume: a checkpoint path, ``"last"`` for RUN_DIR/checkpoints/last.ckpt, or ``"auto"`` (last.ckpt if present).
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
-    installed = STOP.install()  # the CLI installs it on its first line; the Python API here
-    try:
-        return _pretrain(cfg, resume, STOP)
-    except Preempted:
-        STOP.signal = None  # acted on: a later run in this process starts normally
-        raise
-    finally:
-        if installed:
-            STOP.restore()
-
-
-def _pretrain(cfg: PretrainConfig, resume, stop: StopRequest) -> Path:
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_resume(run_dir, resume)
     check_roi(cfg.model.name, cfg.data.roi, cfg.masking.subvolume_size)
@@ -399,15 +384,12 @@ def _pretrain(cfg: PretrainConfig, resume, stop: StopRequest) -> Path:
     t = cfg.train
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                  every_n_train_steps=t.ckpt_every, save_on_train_epoch_end=False)
-    control = RunControl(run_dir, stop, on_end=lambda: model.export_encoder(run_dir))
+    control = RunControl(run_dir, on_end=lambda: model.export_encoder(run_dir))
     trainer = make_trainer(run_dir, t, [checkpoint, RunArtifacts(run_dir, t.ckpt_every), control],
                            cfg.data.val is not None)
     train_loader_, val_loader = make_loaders(cfg, trainer)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    trainer.fit(model, train_dataloaders=train_loader_, val_dataloaders=val_loader, ckpt_path=ckpt_path)
-    if model.preempted:
-        raise Preempted(f"{control.last}: stopped by a signal at step {trainer.global_step}, checkpoint saved; "
-                        f"continue with --resume")
+    control.fit(trainer, model, train_dataloaders=train_loader_, val_dataloaders=val_loader, ckpt_path=ckpt_path)
     return run_dir / "encoder.pt"
