@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from subfore.masking import (
-    EMPTY_MASKS,
+    EmptyMaskCounter,
     REGISTRY,
     Window,
     apply_mask,
@@ -199,12 +199,29 @@ def test_masked_l1_ignores_unmasked_voxels():
 
 
 def test_masked_l1_with_empty_mask_is_zero_and_counted():
-    EMPTY_MASKS.reset()
+    counter = EmptyMaskCounter()
     pred = torch.rand(1, 1, 32, 32, 32, requires_grad=True)
-    loss = masked_l1(pred, torch.rand(1, 1, 32, 32, 32), torch.zeros(1, 2, 2, 2, dtype=torch.bool))
+    loss = masked_l1(pred, torch.rand(1, 1, 32, 32, 32), torch.zeros(1, 2, 2, 2, dtype=torch.bool), counter)
     assert float(loss) == 0.0 and math.isfinite(float(loss))
     loss.backward()  # still differentiable
-    assert EMPTY_MASKS.value == 1
+    assert counter.value == 1
+    masked_l1(pred, torch.rand(1, 1, 32, 32, 32), torch.ones(1, 2, 2, 2, dtype=torch.bool), counter)
+    assert counter.value == 1  # a non-empty mask is not counted
+
+
+def test_masked_l1_counts_and_sums_in_fp32_under_bf16_autocast():
+    # 257 masked voxels (not a bf16 number: it rounds to 256), errors 1 on 200 and 3 on 57 → 371 / 257.
+    target = torch.zeros(1, 1, 16, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16, 16, dtype=torch.bool)
+    mask.view(-1)[:257] = True
+    pred = torch.zeros_like(target)
+    pred.view(-1)[:200] = 1.0
+    pred.view(-1)[200:257] = 3.0
+    pred.view(-1)[300:] = 50.0  # unmasked
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = masked_l1(pred.bfloat16(), target, mask)
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(371 / 257, rel=1e-6)  # bf16 counting gave 372 / 256
 
 
 def test_generators_follow_the_input_device_and_dtype():

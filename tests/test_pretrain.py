@@ -105,6 +105,19 @@ def test_resume_continues_step_count_and_optimizer_state(phantom_dir, tmp_path):
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_empty_mask_count_belongs_to_the_run_and_survives_resume(phantom_dir, tmp_path):
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for name in ("a", "b"):  # two runs in one process: each counts its own
+        tree = base_config(phantom_dir, tmp_path, masking={"ratio": 0.0}, train={"max_steps": 2})
+        tree["run_dir"] = str(tmp_path / name)
+        run_cfg(tree)
+        assert [r["empty_masks"] for r in rows(tmp_path / name)] == [1, 2]
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["subfore"]["empty_masks"] == 2
+    run_cfg(tree, ["train.max_steps=3"], resume="last")
+    assert [r["empty_masks"] for r in rows(tmp_path / "b")] == [1, 2, 3]
+
+
 def test_non_finite_losses_stop_after_max_bad_steps(phantom_dir, tmp_path, monkeypatch):
     import subfore.pretrain as engine
 

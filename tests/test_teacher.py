@@ -11,6 +11,7 @@ import torch
 from subfore.masking import compose_mask, ema_momentum, foreground_grid, hard_share, make_generator
 from subfore.masking.teacher import ranking_loss, spearman
 from test_masking import BRIGHT, bright_volume, gen
+from subfore.config import load_config
 from test_pretrain import base_config, run_cfg
 
 
@@ -65,12 +66,17 @@ def test_hard_share_schedule_endpoints():
     assert [round(g.r_t, 3) for g.step in (0, 5, 10)] == [0.0, 0.25, 0.5]
 
 
-def test_ema_momentum_ramps():
-    assert ema_momentum(0, 100) == pytest.approx(0.996)
+def test_ema_momentum_follows_anatomask_schedule():
+    # AnatoMask: 0.999 at step 0, 0.9999 from the first quarter of training on.
+    assert ema_momentum(0, 100) == pytest.approx(0.999)
+    assert ema_momentum(25, 100) == pytest.approx(0.9999)
+    assert ema_momentum(60, 100) == pytest.approx(0.9999)
     assert ema_momentum(100, 100) == pytest.approx(0.9999)
-    assert ema_momentum(50, 100, ramp="linear") == pytest.approx((0.996 + 0.9999) / 2)
-    assert ema_momentum(50, 100) == pytest.approx((0.996 + 0.9999) / 2)  # cosine midpoint is the mean too
-    assert ema_momentum(25, 100) < ema_momentum(25, 100, ramp="linear")
+    mid = (0.999 + 0.9999) / 2
+    assert ema_momentum(12.5, 100, ramp="linear") == pytest.approx(mid)
+    assert ema_momentum(12.5, 100) == pytest.approx(mid)  # cosine midpoint is the mean too
+    assert ema_momentum(5, 100) < ema_momentum(5, 100, ramp="linear")
+    assert ema_momentum(50, 100, 0.9, 0.99, "linear", ramp_fraction=1.0) == pytest.approx(0.945)
 
 
 def test_ranking_loss_rewards_correct_order():
@@ -100,20 +106,82 @@ def test_teacher_strategies_train_and_log(phantom_dir, tmp_path, strategy, gate)
     run_cfg(tree)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["r_t"] for r in lines] == pytest.approx([0.0, 0.5 / 3, 1.0 / 3])
-    for r in lines:
-        assert 0.0 <= r["teacher_fg_share"] <= 1.0
+    for r in lines[1:]:  # at step 0 r_t = 0: no hard cells
         if gate and r["fallbacks"] == 0:  # an all-air crop falls back to all cells (and is counted)
             assert r["masked_fraction"] <= r["foreground_fraction"] + 1e-6
+            assert r["teacher_fg_share"] == 1.0  # the gate: every hard cell is foreground
         if strategy == "hpm":
-            assert math.isfinite(r["predictor_loss"]) and -1 <= r["spearman"] <= 1
+            assert math.isfinite(r["predictor_loss"]) and r["predictor_loss"] > 0
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    teacher = {k[len("teacher."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("teacher.")}
-    student = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    assert teacher.keys() == student.keys()
-    # The teacher moved towards the student but is not the student.
-    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
     # The exported encoder carries no teacher weights.
     assert not any(k.startswith("teacher.") for k in torch.load(tmp_path / "run" / "encoder.pt", weights_only=True))
+
+
+def test_teacher_is_the_closed_form_ema_of_the_student(phantom_dir, tmp_path, monkeypatch):
+    from subfore.pretrain import MaskedImageModel
+
+    steps, m0, m1 = 4, 0.5, 0.9
+    tree = base_config(phantom_dir, tmp_path, masking={"strategy": "anatomask", "ema_momentum": m0,
+                                                       "ema_momentum_end": m1, "ema_ramp": "linear",
+                                                       "ema_ramp_fraction": 0.5},
+                       train={"max_steps": steps, "ckpt_every": steps})
+    students, original = [], MaskedImageModel.after_step
+
+    def record(self):  # the student right after each optimiser step, before the teacher follows it
+        students.append({k: v.detach().clone() for k, v in self.net.state_dict().items()})
+        original(self)
+
+    start = {}
+    monkeypatch.setattr(MaskedImageModel, "after_step", record)
+    monkeypatch.setattr(MaskedImageModel, "on_train_start",
+                        lambda self: start.update({k: v.detach().clone() for k, v in self.net.state_dict().items()}))
+    run_cfg(tree)
+    assert len(students) == steps
+    # Momentum by hand: linear 0.5 → 0.9 over the first 2 of 4 steps, then held: 0.5, 0.7, 0.9, 0.9.
+    momenta = [0.5, 0.7, 0.9, 0.9]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, p in MaskedImageModel(load_config(None, [], base=tree)).net.named_parameters():
+        t = start[name].double()
+        for m, s in zip(momenta, students):
+            t = m * t + (1 - m) * s[name].double()
+        assert torch.allclose(ckpt["teacher." + name].double(), t, atol=1e-6), name
+    assert not torch.allclose(ckpt["teacher.conv_0.conv_0.conv.weight"], start["conv_0.conv_0.conv.weight"])
+
+
+@pytest.mark.parametrize("strategy", ["anatomask", "hpm"])
+def test_real_teacher_scores_choose_the_hard_cells(phantom_dir, tmp_path, monkeypatch, strategy):
+    import subfore.masking.teacher as teacher_mod
+    from subfore.pretrain import MaskedImageModel
+
+    tree = base_config(phantom_dir, tmp_path, masking={"strategy": strategy, "fill": "zero", "rT": 0.5},
+                       data={"roi": [64, 64, 64]})
+    module = MaskedImageModel(load_config(None, [], base=tree))
+    if strategy == "anatomask":  # a teacher that outputs 0: its error in a cell is that cell's mean |x|
+        for p in module.teacher.parameters():
+            p.data.zero_()
+    seen, original = {}, teacher_mod.compose_mask
+    monkeypatch.setattr(teacher_mod, "compose_mask",
+                        lambda scores, cand, *a, **k: seen.update(scores=scores) or seen.setdefault(
+                            "out", original(scores, cand, *a, **k)))
+    # Every 16³ cell a different brightness, so every score is distinct.
+    cells = (torch.randperm(64, generator=gen()).float() / 64).view(4, 4, 4)
+    x = cells.repeat_interleave(16, 0).repeat_interleave(16, 1).repeat_interleave(16, 2).expand(2, 1, 64, 64, 64)
+    module.masker.step, module.masker.total_steps = 10, 10  # r_t = 0.5
+    module.masker(x, generator=gen())
+    scores, (mask, hard) = seen["scores"], seen["out"]
+    if strategy == "anatomask":
+        expected = torch.nn.functional.avg_pool3d(x, 16, 16)[:, 0]
+        scored = torch.isfinite(scores)
+        assert scored.flatten(1).sum(1).tolist() == [38, 38]  # the teacher's own random ρ mask: round(0.6·64)
+        assert torch.allclose(scores[scored], expected[scored])
+    else:
+        expected = module.per_subvolume(module.teacher(x)[:, 1:])
+        assert torch.allclose(scores, expected)
+    k = 38
+    assert mask.flatten(1).sum(1).tolist() == [k, k] and hard.flatten(1).sum(1).tolist() == [19, 19]
+    for b in range(2):  # the hard cells are the teacher's 19 highest scores
+        s = scores[b].flatten()
+        assert set(torch.nonzero(hard[b].flatten()).flatten().tolist()) == set(s.topk(19).indices.tolist())
 
 
 def test_resume_restores_the_teacher_exactly(phantom_dir, tmp_path, monkeypatch):

@@ -41,8 +41,8 @@ from .engine import (
 )
 from .errors import DataError, SubforeError
 from .masking import (
-    EMPTY_MASKS,
     REGISTRY,
+    EmptyMaskCounter,
     ForegroundMask,
     RandomMask,
     apply_mask,
@@ -108,6 +108,7 @@ class MaskedImageModel(RunModule):
             self.masker.scorer = self.teacher_scores
             self.masker.total_steps = cfg.train.max_steps
         self.fallbacks_total = 0
+        self.empty_masks = EmptyMaskCounter()  # this rank's training losses that had nothing masked
         self.last: dict = {}
         self.last_views: dict | None = None
         self._seen: dict = {}
@@ -124,10 +125,14 @@ class MaskedImageModel(RunModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["subfore"]["fallbacks_total"] = int(self.fallbacks_total)
+        checkpoint["subfore"]["empty_masks"] = self.empty_masks.value
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.fallbacks_total = checkpoint.get("subfore", {}).get("fallbacks_total", 0)
+        state = checkpoint.get("subfore", {})
+        self.fallbacks_total = state.get("fallbacks_total", 0)
+        self.empty_masks.reset()
+        self.empty_masks.add(torch.tensor(state.get("empty_masks", 0)))
 
     # --- the teacher ----------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -159,7 +164,7 @@ class MaskedImageModel(RunModule):
         if self.teacher is not None:
             mk = self.cfg.masking
             m = ema_momentum(self.global_step, self.cfg.train.max_steps, mk.ema_momentum, mk.ema_momentum_end,
-                             mk.ema_ramp)
+                             mk.ema_ramp, mk.ema_ramp_fraction)
             with torch.no_grad():
                 t, s = list(self.teacher.parameters()), list(self.net.parameters())
                 torch._foreach_lerp_(t, s, 1.0 - m)
@@ -176,7 +181,7 @@ class MaskedImageModel(RunModule):
         x_in = apply_mask(x, mask, self._fill(), generator=generator)
         out = self.net(x_in)
         pred = out[:, : self.channels]
-        loss = masked_l1(pred, x, mask)
+        loss = masked_l1(pred, x, mask, counter=self.empty_masks if self.training else None)
         result = {"loss": loss, "recon_loss": loss, "mask": mask, "x_in": x_in, "pred": pred}
         if self.predicts_loss:
             predicted = self.per_subvolume(out[:, self.channels :]).flatten(1)
@@ -226,7 +231,7 @@ class MaskedImageModel(RunModule):
             "foreground_fraction": float(fg),
             "fallbacks": int(self.fallbacks_total),
             "skipped_steps": self.skipped_steps,
-            "empty_masks": EMPTY_MASKS.value,
+            "empty_masks": self.empty_masks.value,
         }
         if self.teacher is not None:
             row["r_t"] = float(stats["r_t"])

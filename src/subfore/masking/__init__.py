@@ -17,7 +17,7 @@ from .grid import (
     otsu_thresholds,
     subvolume_means,
 )
-from .ops import EMPTY_MASKS, apply_mask, masked_l1
+from .ops import EmptyMaskCounter, apply_mask, masked_l1
 from .random import RandomMask, random_grid
 from .teacher import AnatoMask, HardPatchMask, TeacherGuidedMask, compose_mask, ema_momentum, hard_share
 
@@ -29,7 +29,7 @@ __all__ = [
     "ema_momentum",
     "hard_share",
     "REGISTRY",
-    "EMPTY_MASKS",
+    "EmptyMaskCounter",
     "BlockMask",
     "ForegroundMask",
     "MaskGenerator",

@@ -39,7 +39,10 @@ def apply_mask(
 
 
 class EmptyMaskCounter:
-    """Counts loss calls that found no masked voxel, without a device sync until read."""
+    """Counts loss calls that found no masked voxel, without a device sync until read.
+
+    Owned by whoever trains (the pretraining module keeps one and saves it in its checkpoints).
+    """
 
     def __init__(self) -> None:
         self._count: torch.Tensor | None = None
@@ -56,22 +59,21 @@ class EmptyMaskCounter:
         self._count = None
 
 
-EMPTY_MASKS = EmptyMaskCounter()
-
-
 def masked_l1(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, counter: EmptyMaskCounter | None = EMPTY_MASKS
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, counter: EmptyMaskCounter | None = None
 ) -> torch.Tensor:
-    """Mean |pred − target| over masked voxels only; 0 (and ``counter`` + 1) when nothing is masked.
+    """Mean |pred − target| over masked voxels only, in fp32; 0 (and ``counter`` + 1) when nothing is masked.
 
     pred, target: (B, C, D, H, W); mask: grid (B, nz, ny, nx) or voxels (B, 1, D, H, W), True = masked.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     size = pred.shape[2] // mask.shape[1] if mask.ndim == 4 else 1
-    voxels = to_grid(mask, size).to(pred.dtype)
-    err = (pred - target).abs() * voxels
-    count = voxels.sum() * pred.shape[1]
+    voxels = to_grid(mask, size)
+    # Outside autocast and in fp32: a bf16 sum of millions of voxels rounds (256 is its largest exact step).
+    with torch.autocast(pred.device.type, enabled=False):
+        err = torch.where(voxels, (pred.float() - target.float()).abs(), 0.0).sum()
+        count = voxels.sum() * pred.shape[1]  # int64: exact
     if counter is not None:
         counter.add(count == 0)
-    return err.sum() / count.clamp_min(1)
+    return err / count.clamp_min(1).float()

@@ -133,9 +133,14 @@ class HardPatchMask(TeacherGuidedMask):
     teacher_kind = "predictor"
 
 
-def ema_momentum(step: int, total: int, start: float = 0.996, end: float = 0.9999, ramp: str = "cosine") -> float:
-    """EMA momentum rising from ``start`` at step 0 to ``end`` at ``total`` (cosine or linear)."""
-    t = min(max(step, 0), total) / max(total, 1)
+def ema_momentum(step: int, total: int, start: float = 0.999, end: float = 0.9999, ramp: str = "cosine",
+                 ramp_fraction: float = 0.25) -> float:
+    """EMA momentum rising from ``start`` at step 0 to ``end`` at ``ramp_fraction · total``, then held.
+
+    The defaults are AnatoMask's published schedule (0.999 → 0.9999 over the first quarter of training).
+    """
+    ramp_steps = max(ramp_fraction * total, 1e-12)
+    t = min(max(step, 0) / ramp_steps, 1.0)
     if ramp == "cosine":
         return end - (end - start) * (math.cos(math.pi * t) + 1) / 2
     if ramp == "linear":
