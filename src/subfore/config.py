@@ -86,9 +86,11 @@ class MaskingConfig(Strict):
     r0: float = Field(0.0, ge=0, le=1, description="hard share of the mask at step 0")
     rT: float = Field(0.5, ge=0, le=1, description="hard share of the mask at train.max_steps")
     schedule: Literal["easy-to-hard", "hard-to-easy"] = "easy-to-hard"
-    ema_momentum: float = Field(0.996, ge=0, le=1, description="teacher EMA momentum at step 0")
-    ema_momentum_end: float = Field(0.9999, ge=0, le=1)
+    # AnatoMask's published teacher: EMA 0.999 → 0.9999 over the first quarter of training, then held.
+    ema_momentum: float = Field(0.999, ge=0, le=1, description="teacher EMA momentum at step 0")
+    ema_momentum_end: float = Field(0.9999, ge=0, le=1, description="momentum from ema_ramp_fraction of training on")
     ema_ramp: Literal["cosine", "linear"] = "cosine"
+    ema_ramp_fraction: float = Field(0.25, gt=0, le=1, description="share of train.max_steps the ramp takes")
     predictor_weight: float = Field(1.0, ge=0, description="hpm: weight of the loss-predictor ranking loss")
     max_pairs: int = Field(256, ge=1, description="hpm: ranking pairs sampled per sample")
 
