@@ -12,10 +12,12 @@ from subfore.study import StudyConfig, expand_arms, parse_arm, study
 
 
 def micro(phantom_dir, tmp_path, **study_keys) -> dict:
+    """3 'training' phantoms: 2 finetune, the 3rd selects (holdout); the 'validation' phantom is the test case."""
     ds = str(phantom_dir / "dataset.json")
     return {
         "study": {"study_dir": str(tmp_path / "study"), "arms": ["scratch", "foreground"], "seeds": [0],
-                  "pretrain_data": [ds], "finetune_data": ds, "finetune_val": ds,
+                  "pretrain_data": [ds], "finetune_train": {"data": ds, "split": "training"},
+                  "finetune_val": {"holdout": 1}, "select": "best",
                   "test": [{"name": "phantoms", "data": ds, "split": "validation"},
                            {"name": "absent", "data": str(tmp_path / "nope.json"), "optional": True}],
                   **study_keys},
@@ -34,7 +36,10 @@ def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, 
     import subfore.evaluate
     import subfore.study as mod
 
-    cfg = load_config(None, [], StudyConfig, base=micro(phantom_dir, tmp_path))
+    tree = micro(phantom_dir, tmp_path)
+    test_image = json.loads((phantom_dir / "dataset.json").read_text())["validation"][0]["image"]
+    tree["study"]["pretrain_data"].append(str(phantom_dir / test_image))  # the test case, pretrained on too
+    cfg = load_config(None, [], StudyConfig, base=tree)
     # Scoring runs on the device the finetuning trained on (train.accelerator), not always the CPU.
     devices, real_evaluate = [], subfore.evaluate.evaluate
     monkeypatch.setattr(mod, "device_for", lambda accelerator: f"as-trained:{accelerator}")
@@ -44,6 +49,13 @@ def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, 
     assert devices == ["as-trained:auto"] * 2
     results = json.loads((out / "results.json").read_text())
     assert results["arms"] == ["scratch", "foreground"]
+    # Trained on 2, selected on the held-out 3rd, scored on the 'validation' phantom; its pretraining is reported.
+    protocol = results["protocol"]
+    assert protocol["finetune_train"]["cases"] == 2 and protocol["finetune_val"]["cases"] == 1
+    assert protocol["test"] == {"phantoms": 1, "absent": None}
+    assert protocol["pretrain_overlap"] == {"phantoms": ["phantom_003"]}
+    assert "warning: test 'phantoms' cases were also pretraining data: phantom_003" in (out / "results.md").read_text()
+    assert all(r["checkpoint"] == "best.ckpt" for r in results["runs"])
     assert [(r["arm"], r["seed"]) for r in results["runs"]] == [("scratch", 0), ("foreground", 0)]
     run = results["runs"][1]
     assert set(run["tests"]) == {"phantoms"}  # the optional, absent test set is skipped
@@ -65,6 +77,60 @@ def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, 
     monkeypatch.setattr(mod, "run_one", lambda cfg, arm, over, seed: calls.append(arm) or results["runs"][1])
     study(cfg)
     assert calls == ["foreground"]
+
+
+def _check(config: dict, tmp_path):
+    import subprocess
+
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(["subfore", "study", "--config", str(path), "--check"], capture_output=True, text=True)
+
+
+def test_check_refuses_a_test_case_that_trains_or_selects(phantom_dir, tmp_path):
+    meta = json.loads((phantom_dir / "dataset.json").read_text())
+    image = lambda split, i: str(phantom_dir / meta[split][i]["image"])  # noqa: E731
+    label = lambda split, i: str(phantom_dir / meta[split][i]["label"])  # noqa: E731
+    ok = _check(micro(phantom_dir, tmp_path), tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "finetune training: 2 cases" in ok.stdout and "the last 1 training cases (holdout)" in ok.stdout
+    assert "test 'phantoms': 1 cases" in ok.stdout and ok.stdout.strip().endswith("protocol ok")
+    # The holdout case (the 3rd 'training' phantom) named as a test image: it selects the checkpoint.
+    tree = micro(phantom_dir, tmp_path)
+    tree["study"]["test"] = [{"name": "leak", "image": image("training", 2), "label": label("training", 2)}]
+    bad = _check(tree, tmp_path)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        f"error: study.test 'leak': case phantom_002 ({image('training', 2)}) is also a finetuning validation case "
+        f"(1 shared); test cases must never train or select the checkpoint"]
+    # A training case, as a test image.
+    tree["study"]["test"] = [{"name": "leak", "image": image("training", 0), "label": label("training", 0)}]
+    assert "is also a finetuning training case" in _check(tree, tmp_path).stderr
+    # The paper configs' old mistake, with placeholder paths: the scored split is the validation split.
+    tree = micro(phantom_dir, tmp_path)
+    tree["study"].update(finetune_train={"data": "/nowhere/BTCV/dataset.json"},
+                         finetune_val={"data": "/nowhere/BTCV/dataset.json", "split": "validation"},
+                         test=[{"name": "btcv", "data": "/nowhere/BTCV/dataset.json", "split": "validation"}])
+    bad = _check(tree, tmp_path)
+    assert bad.returncode == 1 and bad.stderr.strip() == (
+        "error: study.test 'btcv': datalist and split /nowhere/BTCV/dataset.json:validation are also the "
+        "finetuning validation data; test cases must never train or select the checkpoint")
+    # select: best without a validation set is refused; select: last without one is fine.
+    tree = micro(phantom_dir, tmp_path)
+    tree["study"]["finetune_val"] = None
+    assert "select 'best' needs finetune_val" in _check(tree, tmp_path).stderr
+    tree["study"]["select"] = "last"
+    assert _check(tree, tmp_path).returncode == 0
+
+
+def test_study_runs_the_check_before_anything_else(phantom_dir, tmp_path):
+    tree = micro(phantom_dir, tmp_path)
+    tree["study"]["test"] = [{"name": "leak", "data": str(phantom_dir / "dataset.json"), "split": "training"}]
+    with pytest.raises(ConfigError, match="is also a finetuning training case"):
+        study(load_config(None, [], StudyConfig, base=tree))
+    assert not (tmp_path / "study").exists()
 
 
 def test_arm_names_and_sweeps(phantom_dir, tmp_path):

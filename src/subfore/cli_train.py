@@ -153,12 +153,20 @@ def predict(
 def study(
     config: Path = typer.Option(..., "--config", "-c", help="YAML study config (see configs/study/)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set study.seeds=[0]"),
+    check: bool = typer.Option(False, "--check", help="resolve the protocol (which case plays which role) and exit; "
+                               "fails when a test case also trains or selects the checkpoint"),
 ) -> None:
     """Pretrain, finetune and score every masking arm over seeds; resumable (finished arms are skipped)."""
     STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
     from .config import load_config
-    from .study import StudyConfig
+    from .study import StudyConfig, check_protocol, describe_protocol
     from .study import study as run
 
-    out = run(load_config(config, set_ or [], StudyConfig))
+    cfg = load_config(config, set_ or [], StudyConfig)
+    if check:
+        for line in describe_protocol(check_protocol(cfg)):
+            typer.echo(line)
+        typer.echo(f"{config}: protocol ok")
+        return
+    out = run(cfg)
     typer.echo(f"done: {out}/results.md, results.json, dice.png, curves.png")

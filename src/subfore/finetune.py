@@ -64,6 +64,8 @@ class FinetuneData(DataConfig):
     label_map: dict[int, int] | None = Field(None, description="{src_id: dst_id}; unlisted ids become 0")
     regions: Literal["brats"] | None = Field(None, description="brats: labels → TC/WT/ET channels, sigmoid outputs")
     limit_train: int | None = Field(None, ge=1, description="use only the first N training cases (label-efficient)")
+    holdout: int | None = Field(None, ge=1, description="validate on the last N cases of data.train (not trained on) "
+                                "instead of data.val")
     foreground_crop: bool = True
     crop: Literal["posneg", "classes"] = Field(
         "posneg", description="posneg: half the crops centred on foreground (BTCV recipe); "
@@ -80,6 +82,9 @@ class FinetuneOptions(Strict):
     adapt_in_channels: Literal["repeat", "reinit"] = "repeat"
     sw_overlap: float = Field(0.5, ge=0, lt=1)
     sw_batch_size: int = Field(4, ge=1)
+    select: Literal["best", "last"] | None = Field(
+        None, description="best: the checkpoint of highest validation Dice (needs data.val or data.holdout); "
+        "last: the final weights; unset: best when there is a validation set, else last")
 
 
 class FinetuneOptim(OptimConfig):
@@ -109,6 +114,13 @@ class FinetuneConfig(Strict):
     @model_validator(mode="after")
     def _defaults(self) -> "FinetuneConfig":
         fill_lr_check_batch(self, FT_LR)
+        if self.data.holdout and self.data.val:
+            raise ValueError("data.holdout and data.val both name a validation set; keep one")
+        if self.finetune.select is None:
+            self.finetune.select = "best" if (self.data.val or self.data.holdout) else "last"
+        elif self.finetune.select == "best" and not (self.data.val or self.data.holdout):
+            raise ValueError("finetune.select 'best' needs a validation set (data.val or data.holdout); "
+                             "or set finetune.select: last")
         if self.model.class_names and len(self.model.class_names) != self.model.out_channels:
             raise ValueError(f"model.class_names has {len(self.model.class_names)} names for "
                              f"{self.model.out_channels} output channels")
@@ -318,8 +330,34 @@ class ValLog(Callback):
                                                           "val_cases": int(m["val/cases"])})
 
 
+def finetune_cases(cfg: FinetuneConfig) -> tuple[list[dict], list[dict] | None]:
+    """(training cases, validation cases or None) as the config selects them: split, holdout, then limit_train."""
+    d = cfg.data
+    items = load_datalists(d.train, d.train_split)
+    missing = [i["image"] for i in items if "label" not in i]
+    if missing:
+        raise DataError(missing[0], "has no label: finetuning needs an image/label pair for every training case")
+    source = d.train if isinstance(d.train, str) else d.train[0]
+    val_items = None
+    if d.holdout:
+        if d.holdout >= len(items):
+            raise DataError(source, f"data.holdout {d.holdout} leaves no training case (the '{d.train_split}' split "
+                                    f"has {len(items)})")
+        items, val_items = items[: -d.holdout], items[-d.holdout :]
+    if d.limit_train:
+        items = items[: d.limit_train]
+    if d.val:
+        val_items = load_datalists(d.val, d.val_split)
+        if not val_items:
+            raise DataError(d.val if isinstance(d.val, str) else d.val[0], f"the '{d.val_split}' split is empty")
+        no_label = [i["image"] for i in val_items if "label" not in i]
+        if no_label:
+            raise DataError(no_label[0], "validation case without a label")
+    return items, val_items
+
+
 def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: str | Path | None = None) -> Path:
-    """Finetune (or resume) a segmentation network; return the best checkpoint (or last without validation).
+    """Finetune (or resume) a segmentation network; return the checkpoint ``finetune.select`` names (best or last).
 
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
@@ -330,20 +368,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     pl.seed_everything(cfg.seed, verbose=False)
     ensure_phantoms(cfg)
     preset = d.preset_obj()
-    items = load_datalists(d.train, d.train_split)
-    missing = [i["image"] for i in items if "label" not in i]
-    if missing:
-        raise DataError(missing[0], "has no label: finetuning needs an image/label pair for every training case")
-    if d.limit_train:
-        items = items[: d.limit_train]
-    val_items = None
-    if d.val:
-        val_items = load_datalists(d.val, d.val_split)
-        if not val_items:
-            raise DataError(d.val if isinstance(d.val, str) else d.val[0], f"the '{d.val_split}' split is empty")
-        no_label = [i["image"] for i in val_items if "label" not in i]
-        if no_label:
-            raise DataError(no_label[0], "validation case without a label")
+    items, val_items = finetune_cases(cfg)
     model = SegmentationModel(cfg)
     pretrained = pretrained or cfg.finetune.pretrained
     t = cfg.train
@@ -352,7 +377,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=t.ckpt_every),
         ValLog(run_dir, t.log_every),
     ]
-    if val_items is not None:
+    if val_items is not None and cfg.finetune.select == "best":
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/dice", mode="max",
                                          save_top_k=1, enable_version_counter=False))
     control = RunControl(run_dir)
@@ -382,7 +407,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
         dump_config(cfg, run_dir / "config.yaml")
     control.fit(trainer, model, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
     best = ckpt_dir / "best.ckpt"
-    return best if best.exists() else control.last
+    return best if cfg.finetune.select == "best" and best.exists() else control.last
 
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[FinetuneConfig, torch.nn.Module]:

@@ -15,14 +15,15 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .config import PretrainConfig, Strict, load_config, set_dotted
 from .engine import device_for
-from .errors import ConfigError
-from .finetune import FinetuneConfig
+from .data.datalist import case_id, load_datalists
+from .errors import ConfigError, SubforeError
+from .finetune import FinetuneConfig, finetune_cases
 from .masking import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,27 @@ class TestSet(Strict):
     optional: bool = Field(False, description="skip (with a note) when the data is absent, e.g. ../shared/data")
 
 
+class FinetuneTrain(Strict):
+    """The labelled cases finetuning trains on: a datalist and its split."""
+
+    data: str | list[str]
+    split: Literal["training", "validation", "test"] = "training"
+
+
+class FinetuneVal(Strict):
+    """The cases that select the checkpoint: a datalist and split, or a ``holdout`` of the last N training cases."""
+
+    data: str | list[str] | None = None
+    split: Literal["training", "validation", "test"] = "validation"
+    holdout: int | None = Field(None, ge=1, description="the last N cases of finetune_train (then not trained on)")
+
+    @model_validator(mode="after")
+    def _one(self) -> "FinetuneVal":
+        if (self.data is None) == (self.holdout is None):
+            raise ValueError("give either data (with split) or holdout")
+        return self
+
+
 class PhantomSet(Strict):
     dir: str
     n: int = Field(8, ge=1)
@@ -59,8 +81,9 @@ class StudySection(Strict):
     phantoms: list[PhantomSet] = Field(default_factory=list, description="generated when absent")
     pretrain_data: list[str] = Field(..., description="unlabelled datalists (images only are used)")
     pretrain_data_optional: list[str] = Field(default_factory=list, description="used where present")
-    finetune_data: str | list[str]
-    finetune_val: str | list[str] | None = None
+    finetune_train: FinetuneTrain
+    finetune_val: FinetuneVal | None = Field(None, description="none: no validation, select must be 'last'")
+    select: Literal["best", "last"] = Field("best", description="the finetuned checkpoint that is scored")
     test: list[TestSet]
     sweep: dict[str, list[Any]] | None = Field(None, description="one key → values, e.g. {masking.ratio: [0.4, 0.8]}")
 
@@ -77,6 +100,12 @@ class StudySection(Strict):
         if sweep is not None and len(sweep) != 1:
             raise ValueError("sweep takes exactly one key (an ablation over one setting)")
         return sweep
+
+    @model_validator(mode="after")
+    def _selection(self) -> "StudySection":
+        if self.select == "best" and self.finetune_val is None:
+            raise ValueError("select 'best' needs finetune_val (a datalist or a holdout); or select: last")
+        return self
 
 
 class StudyConfig(Strict):
@@ -128,6 +157,122 @@ def _existing(paths: list[str]) -> list[str]:
     return [p for p in paths if Path(p).exists()]
 
 
+def finetune_config(cfg: StudyConfig, run_dir: Path | str, seed: int) -> FinetuneConfig:
+    """The finetuning config of one arm: the shared ``finetune:`` section plus the study's named data."""
+    st = cfg.study
+    tree = _tree(cfg.finetune, {"run_dir": str(run_dir), "seed": seed, "data.train": st.finetune_train.data,
+                                "data.train_split": st.finetune_train.split, "finetune.select": st.select})
+    for key in ("val", "val_split", "holdout"):
+        tree.setdefault("data", {}).pop(key, None)  # the study names the validation set, nothing else does
+    if st.finetune_val is not None and st.finetune_val.holdout:
+        tree["data"]["holdout"] = st.finetune_val.holdout
+    elif st.finetune_val is not None:
+        tree["data"].update(val=st.finetune_val.data, val_split=st.finetune_val.split)
+    return load_config(None, [], FinetuneConfig, base=tree)
+
+
+# --- the protocol: which case plays which role --------------------------------------------------------
+def _text_key(source: str, split: str) -> str:
+    """A datalist that does not exist yet (a placeholder path) is compared by its resolved path and split."""
+    return f"{Path(source).expanduser().resolve()}:{split}"
+
+
+def _cases(sources: str | list[str] | None, split: str) -> tuple[dict[str, str], set[str]]:
+    """({resolved image file: case id} for the datalists that exist, {text keys} for those that do not)."""
+    files: dict[str, str] = {}
+    texts: set[str] = set()
+    for src in ([] if sources is None else [sources] if isinstance(sources, str) else sources):
+        texts.add(_text_key(src, split))
+        if Path(src).expanduser().exists():
+            for item in load_datalists(src, split):
+                files[_file_key(item)] = case_id(item)
+    return files, texts
+
+
+def _file_key(item: dict) -> str:
+    image = item["image"]
+    return str(Path(image[0] if isinstance(image, list) else image).resolve())
+
+
+def check_protocol(cfg: StudyConfig) -> dict:
+    """Resolve every role's cases without training; raise ConfigError naming the first test case that is also a
+    finetuning training or validation case (the same file, or the same datalist and split for placeholders).
+
+    Returns the protocol: case counts per role, and per test set the cases that were also pretraining data.
+    """
+    st = cfg.study
+    fcfg = finetune_config(cfg, Path(st.study_dir) / "check", st.seeds[0] if st.seeds else 0)
+    d = fcfg.data
+    train_src = d.train
+    roles: dict[str, tuple[dict[str, str], set[str]]] = {}
+    ft_texts = {_text_key(x, d.train_split) for x in ([train_src] if isinstance(train_src, str) else train_src)}
+    if all(Path(x).expanduser().exists() for x in ([train_src] if isinstance(train_src, str) else train_src)):
+        train_items, val_items = finetune_cases(fcfg)
+        roles["finetuning training"] = ({_file_key(i): case_id(i) for i in train_items}, ft_texts)
+        val_files = {_file_key(i): case_id(i) for i in (val_items or [])}
+    else:
+        roles["finetuning training"] = ({}, ft_texts)
+        val_files = {}
+    if d.holdout:
+        roles["finetuning validation"] = (val_files, ft_texts)
+    elif d.val:
+        files, texts = _cases(d.val, d.val_split)
+        roles["finetuning validation"] = (files, texts)
+    pre_split = cfg.pretrain.get("data", {}).get("train_split", "training")
+    pre_files, pre_texts = _cases(st.pretrain_data + _existing(st.pretrain_data_optional), pre_split)
+    protocol: dict[str, Any] = {
+        "finetune_train": {"data": st.finetune_train.data, "split": st.finetune_train.split,
+                           "limit_train": d.limit_train, "cases": len(roles["finetuning training"][0]) or None},
+        "finetune_val": None if st.finetune_val is None else {
+            **st.finetune_val.model_dump(exclude_none=True), "cases": len(roles["finetuning validation"][0]) or None},
+        "select": st.select, "pretrain_volumes": len(pre_files) or None, "test": {}, "pretrain_overlap": {},
+    }
+    for t in st.test:
+        if t.image:
+            files = {str(Path(t.image).resolve()): case_id({"image": t.image})}
+            texts: set[str] = set()
+        else:
+            if t.optional and not all(Path(x).exists() for x in ([t.data] if isinstance(t.data, str) else t.data)):
+                files, texts = {}, {_text_key(x, t.split) for x in ([t.data] if isinstance(t.data, str) else t.data)}
+            else:
+                files, texts = _cases(t.data, t.split)
+        for role, (rfiles, rtexts) in roles.items():
+            both = sorted(set(files) & set(rfiles))
+            if both:
+                raise ConfigError(f"study.test '{t.name}': case {files[both[0]]} ({both[0]}) is also a {role} case "
+                                  f"({len(both)} shared); test cases must never train or select the checkpoint")
+            same = sorted(texts & rtexts)
+            if same:
+                raise ConfigError(f"study.test '{t.name}': datalist and split {same[0]} are also the {role} data; "
+                                  f"test cases must never train or select the checkpoint")
+        protocol["test"][t.name] = len(files) or None
+        overlap = sorted(files[f] for f in set(files) & set(pre_files))
+        overlap += sorted(x for x in texts & pre_texts)
+        if overlap:
+            protocol["pretrain_overlap"][t.name] = overlap
+    return protocol
+
+
+def describe_protocol(protocol: dict) -> list[str]:
+    """Human-readable lines for ``subfore study --check`` and the study log."""
+    n = lambda v: "?" if v is None else str(v)  # noqa: E731 - unknown until a placeholder datalist exists
+    ft, val = protocol["finetune_train"], protocol["finetune_val"]
+    lines = [f"finetune training: {n(ft['cases'])} cases ({ft['data']} '{ft['split']}'"
+             + (f", first {ft['limit_train']}" if ft["limit_train"] else "") + ")"]
+    if val is None:
+        lines.append("finetune validation: none")
+    elif "holdout" in val:
+        lines.append(f"finetune validation: the last {val['holdout']} training cases (holdout), not trained on")
+    else:
+        lines.append(f"finetune validation: {n(val['cases'])} cases ({val['data']} '{val['split']}')")
+    lines.append(f"checkpoint scored: {protocol['select']}")
+    lines += [f"test '{name}': {n(k)} cases, none used for training or selection" for name, k in protocol["test"].items()]
+    lines.append(f"pretraining: {n(protocol['pretrain_volumes'])} volumes")
+    for name, cases in protocol["pretrain_overlap"].items():
+        lines.append(f"warning: test '{name}' cases were also pretraining data: {', '.join(cases)}")
+    return lines
+
+
 def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
     """Pretrain (unless scratch), finetune and evaluate one arm and seed; write and return its result."""
     from .evaluate import evaluate
@@ -145,11 +290,7 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
         pcfg = load_config(None, [], PretrainConfig, base=tree)
         encoder = pretrain(pcfg, resume="auto")
         pre_curve = _curve(run / "pretrain" / "metrics.jsonl", "loss")
-    ft_tree = _tree(cfg.finetune, {"run_dir": str(run / "finetune"), "seed": seed})
-    ft_tree.setdefault("data", {})["train"] = st.finetune_data
-    if st.finetune_val is not None:
-        ft_tree["data"]["val"] = st.finetune_val
-    fcfg = load_config(None, [], FinetuneConfig, base=ft_tree)
+    fcfg = finetune_config(cfg, run / "finetune", seed)
     # A half-finished run (pretraining or finetuning) continues exactly where it stopped.
     best = finetune(fcfg, pretrained=encoder, resume="auto")
     tests = {}
@@ -166,7 +307,7 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
                      device=device_for(fcfg.train.accelerator))
         tests[t.name] = {"dice": r["mean"]["dice"], "nsd": r["mean"]["nsd"], "mean_dice": r["mean"]["mean_dice"],
                          "mean_nsd": r["mean"]["mean_nsd"], "classes": r["classes"]}
-    result = {"arm": arm, "seed": seed, "tests": tests, "pretrain_loss": pre_curve,
+    result = {"arm": arm, "seed": seed, "checkpoint": best.name, "tests": tests, "pretrain_loss": pre_curve,
               "finetune_val_dice": _curve(run / "finetune" / "metrics.jsonl", "val_dice"),
               "wall_s": round(time.time() - t0, 1)}
     tmp = run / ".result.json.tmp"
@@ -187,6 +328,7 @@ def study(cfg: StudyConfig) -> Path:
     from .phantoms import PhantomSpec, write_phantoms
 
     st = cfg.study
+    check_protocol(cfg)  # before anything is written: an overlapping protocol never starts
     out = Path(st.study_dir)
     out.mkdir(parents=True, exist_ok=True)
     for ph in st.phantoms:
@@ -194,6 +336,10 @@ def study(cfg: StudyConfig) -> Path:
             write_phantoms(ph.dir, n=ph.n, seed=ph.seed, spec=PhantomSpec(spacing=ph.spacing))
     if not st.pretrain_data and not _existing(st.pretrain_data_optional):
         raise ConfigError("study.pretrain_data: no pretraining data")
+    protocol = check_protocol(cfg)  # again, now that generated data exists: file by file
+    for line in describe_protocol(protocol):
+        (log.warning if line.startswith("warning") else log.info)(line)
+        print(line, flush=True)
     results = []
     for arm, over in expand_arms(cfg):
         for seed in st.seeds:
@@ -204,7 +350,7 @@ def study(cfg: StudyConfig) -> Path:
                 continue
             print(f"== {arm}, seed {seed}", flush=True)
             results.append(run_one(cfg, arm, over, seed))
-    summarize(results, out)
+    summarize(results, out, protocol)
     return out
 
 
@@ -215,13 +361,15 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def summarize(results: list[dict], out: Path) -> None:
+def summarize(results: list[dict], out: Path, protocol: dict | None = None) -> None:
     """results.json, results.md (arms × classes, mean ± std over seeds, best in bold), dice.png, curves.png."""
     arms = list(dict.fromkeys(r["arm"] for r in results))
     tests = list(dict.fromkeys(t for r in results for t in r["tests"]))
-    (out / "results.json").write_text(json.dumps({"arms": arms, "runs": results}, indent=2))
+    (out / "results.json").write_text(json.dumps({"arms": arms, "protocol": protocol, "runs": results}, indent=2))
     md = ["# Study results", "", "Dice (%) per class, mean ± std over seeds; best mean per column in **bold**. "
           "A class absent from a test set's ground truth is excluded (–).", ""]
+    if protocol:
+        md += ["Protocol:", ""] + [f"- {line}" for line in describe_protocol(protocol)] + [""]
     summary: dict[str, dict[str, tuple]] = {}
     for test in tests:
         classes = next(r["tests"][test]["classes"] for r in results if test in r["tests"])
