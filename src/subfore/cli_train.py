@@ -87,7 +87,10 @@ def evaluate(
     out: Path = typer.Option(Path("metrics.json"), "--out"),
     split: str = typer.Option("validation", "--split"),
     tolerance: float = typer.Option(2.0, "--tolerance", help="NSD tolerance in mm"),
-    hd95: bool = typer.Option(False, "--hd95", help="also report the 95th-percentile Hausdorff distance (mm)"),
+    hd95: bool = typer.Option(False, "--hd95", help="also report the 95th-percentile Hausdorff distance (mm); a "
+                              "missed or spurious class scores the image diagonal"),
+    grid: str = typer.Option("label", "--grid", help="label: score on each ground truth's own grid (as nnU-Net); "
+                             "resampled: on the training spacing (faster, approximate)"),
     roi: Optional[str] = typer.Option(None, "--roi", help="sliding-window size, e.g. 96,96,96"),
     overlap: Optional[float] = typer.Option(None, "--overlap"),
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
@@ -120,7 +123,7 @@ def evaluate(
         # One checkpoint writes OUT itself; several write OUT.<method>.json each and a shared table.
         target = out if len(checkpoint) == 1 else out.with_name(f"{out.stem}.{i}{out.suffix}")
         result = run(ckpt, list(data), target, split, tolerance, hd95, _roi(roi), overlap, sw_batch_size,
-                     _device(device), precision, methods[i] if methods else None, mapping)
+                     _device(device), precision, methods[i] if methods else None, mapping, grid)
         results.append(result)
         m = result["mean"]
         typer.echo(f"{result['method']}: {len(result['cases'])} cases, mean Dice {m['mean_dice']}, "

@@ -13,16 +13,19 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
-from monai.transforms import Compose, Invertd
+from monai.transforms import Compose, Invertd, LoadImaged
 
 from .data.datalist import case_id, load_datalists
 from .data.dataset import load_item
 from .data.transforms import preprocess
 from .errors import DataError, SubforeError
-from .finetune import eval_transforms, load_finetuned, predict_volume
+from .finetune import eval_transforms, label_transforms, load_finetuned, predict_volume
 
-ABSENT_RULE = ("a class absent from a case's ground truth is excluded from that case's scores and from the "
+ABSENT_RULE = ("a class absent from a case's ground truth is excluded from that case's Dice and NSD and from their "
                "means (reported as null), not counted as 0 or 1")
+HD95_RULE = ("HD95 of a class the prediction misses, or predicts where the ground truth has none, is the image "
+             "diagonal in mm (as the MSD and BraTS evaluations); absent from both: excluded (null)")
+GRIDS = ("label", "resampled")
 
 
 def case_metrics(pred: torch.Tensor, label: torch.Tensor, n_classes: int, spacing: Sequence[float],
@@ -31,6 +34,7 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, n_classes: int, spacin
 
     pred, label: (1, 1, D, H, W) integer labels, or (1, K, D, H, W) binary regions with ``regions``.
     spacing: voxel size in mm (NSD tolerance and HD95 are in mm). Returns lists over classes 1…K-1 (or all regions).
+    HD95 follows :data:`HD95_RULE`: the image diagonal in mm when exactly one of prediction and label has the class.
     """
     if regions:
         p, y = pred.float(), label.float()
@@ -46,7 +50,10 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, n_classes: int, spacin
     out = {"dice": dice.tolist(), "nsd": nsd.tolist()}
     if hd95:
         hd = HausdorffDistanceMetric(include_background=bg, percentile=95, reduction="none")(p, y, spacing=list(spacing))[0]
-        out["hd95"] = hd.masked_fill(absent, float("nan")).tolist()
+        missing = p[0, (0 if bg else 1):].flatten(1).sum(1) == 0
+        diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(p.shape[2:], spacing)))
+        hd = torch.where(absent ^ missing, torch.full_like(hd, diagonal), hd)
+        out["hd95"] = hd.masked_fill(absent & missing, float("nan")).tolist()
     return out
 
 
@@ -73,12 +80,16 @@ def evaluate(
     precision: str = "32",
     method: str | None = None,
     label_map: dict[int, int] | None = None,
+    grid: str = "label",
 ) -> dict:
     """Score a finetuned checkpoint on a labelled datalist; write metrics.json, a Markdown table and a bar chart.
 
     label_map: ``{src: dst}`` for this test set's labels (e.g. TotalSegmentator → BTCV), replacing the
-    checkpoint's own ``data.label_map``.
+    checkpoint's own ``data.label_map``. grid: ``label`` scores on each ground truth's own grid (predictions are
+    inverted onto it, as nnU-Net evaluates); ``resampled`` scores on the training spacing (faster, approximate).
     """
+    if grid not in GRIDS:
+        raise SubforeError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     cfg, net = load_finetuned(checkpoint, device)
     if label_map is not None:
         cfg.data.label_map = {int(k): int(v) for k, v in label_map.items()}
@@ -88,6 +99,9 @@ def evaluate(
         raise DataError(unlabeled[0], f"has no label in split '{split}': evaluate needs labels")
     preset = cfg.data.preset_obj()
     transform = eval_transforms(cfg, preset)
+    if grid == "label":
+        invert = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True)
+        raw_label = Compose([LoadImaged("label", image_only=True, ensure_channel_first=True), *label_transforms(cfg)])
     names = cfg.class_names()
     scored = names if cfg.sigmoid else names[1:]
     roi = roi or cfg.data.roi
@@ -97,8 +111,20 @@ def evaluate(
         image, label = torch.as_tensor(d["image"])[None].float(), torch.as_tensor(d["label"])[None]
         pred = predict_volume(net, image, roi, overlap if overlap is not None else cfg.finetune.sw_overlap,
                               sw_batch_size or cfg.finetune.sw_batch_size, cfg.sigmoid, precision).cpu()
-        m = case_metrics(pred, label, cfg.model.out_channels, preset.spacing, tolerance_mm, hd95, cfg.sigmoid)
-        cases.append({"case": case_id(item), "image": str(item["image"]),
+        spacing = preset.spacing
+        if grid == "label":
+            # The prediction goes back through the image's recorded orientation and resampling; the label is read
+            # untouched, so every voxel of the ground truth is scored once, at its own size.
+            d["pred"] = MetaTensor(pred[0].float(), meta=d["image"].meta, applied_operations=d["image"].applied_operations)
+            pred = torch.as_tensor(invert(d)["pred"])[None].round().to(torch.uint8 if cfg.sigmoid else torch.long)
+            own = load_item(raw_label, {"label": item["label"]})["label"]
+            label = torch.as_tensor(own)[None]
+            spacing = tuple(float(v) for v in np.sqrt((np.asarray(own.affine)[:3, :3] ** 2).sum(0)))
+            if pred.shape[2:] != label.shape[2:]:
+                raise DataError(item["label"], f"label grid {tuple(label.shape[2:])} differs from its image's "
+                                               f"{tuple(pred.shape[2:])}; score with grid='resampled'")
+        m = case_metrics(pred, label, cfg.model.out_channels, spacing, tolerance_mm, hd95, cfg.sigmoid)
+        cases.append({"case": case_id(item), "image": str(item["image"]), "spacing_mm": [round(v, 4) for v in spacing],
                       **{k: {c: _clean(v) for c, v in zip(scored, vals)} for k, vals in m.items()}})
     metric_names = ["dice", "nsd"] + (["hd95"] if hd95 else [])
     mean = {k: {c: _nanmean([case[k][c] for case in cases]) for c in scored} for k in metric_names}
@@ -106,8 +132,9 @@ def evaluate(
         mean[f"mean_{k}"] = _nanmean(list(mean[k].values()))
     result = {
         "checkpoint": str(checkpoint), "method": method or Path(cfg.run_dir).name, "split": split,
-        "classes": scored, "nsd_tolerance_mm": tolerance_mm, "spacing_mm": list(preset.spacing),
-        "absent_class_rule": ABSENT_RULE, "cases": cases, "mean": mean,
+        "classes": scored, "nsd_tolerance_mm": tolerance_mm, "grid": grid,
+        "spacing_mm": list(preset.spacing) if grid == "resampled" else "each label's own",
+        "absent_class_rule": ABSENT_RULE, **({"hd95_rule": HD95_RULE} if hd95 else {}), "cases": cases, "mean": mean,
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

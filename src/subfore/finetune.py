@@ -214,7 +214,10 @@ def train_transforms(cfg: FinetuneConfig, preset: Preset) -> Compose:
         RandFlipd(keys, prob=0.2, spatial_axis=0),
         RandFlipd(keys, prob=0.2, spatial_axis=1),
         RandFlipd(keys, prob=0.2, spatial_axis=2),
-        RandRotate90d(keys, prob=0.2, max_k=3),
+    ]
+    if d.roi[0] == d.roi[1]:  # a quarter turn of a non-square crop changes its shape, and batches no longer stack
+        t.append(RandRotate90d(keys, prob=0.2, max_k=3))
+    t += [
         RandScaleIntensityd("image", factors=0.1, prob=0.1),
         RandShiftIntensityd("image", offsets=0.1, prob=0.1),
     ]
