@@ -257,21 +257,56 @@ def test_real_ct_predict_and_evaluate_with_btcv_map(trained, tmp_path):
     assert np.allclose(nib.load(out).affine, nib.load(REAL_CT).affine)
 
 
-def test_brats_regions_on_four_channel_mri_from_ct_pretraining(phantom_dir, tmp_path):
+@pytest.mark.parametrize("convention,ids", [("msd", {"ED": 1, "NET": 2, "ET": 3}), ("brats", {"NCR": 1, "ED": 2, "ET": 4})])
+def test_brats_regions_follow_each_convention(convention, ids):
+    from subfore.data.brats import BratsRegionsd, from_regions
+
+    lab = torch.zeros(1, 4, 1, 1)
+    core = ids.get("NET", ids.get("NCR"))
+    lab[0, :, 0, 0] = torch.tensor([ids["ED"], core, ids["ET"], 0])  # voxels: edema, core, enhancing, background
+    regions = BratsRegionsd("label", convention)({"label": lab})["label"][:, :, 0, 0]
+    # TC = core + enhancing, WT = every tumour label, ET = enhancing: by construction, voxel by voxel.
+    assert regions.tolist() == [[0, 1, 1, 0], [1, 1, 1, 0], [0, 0, 1, 0]]
+    assert from_regions(regions.bool()[:, :, None, None], convention)[0, :, 0, 0].tolist() == lab[0, :, 0, 0].tolist()
+
+
+def test_brats_convention_comes_from_dataset_json_names(tmp_path):
+    from subfore.data.brats import resolve_convention
+
+    msd = {"labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}}
+    brats = {"labels": {"background": 0, "NCR": 1, "peritumoral edema": 2, "GD-enhancing tumor": 4}}  # nnU-Net v2 style
+    for name, meta in (("msd", msd), ("brats", brats)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+    assert resolve_convention(None, [str(tmp_path / "msd.json")]) == "msd"
+    assert resolve_convention("brats", [str(tmp_path / "brats.json")]) == "brats"
+    with pytest.raises(DataError, match="msd.json: labels follow the 'msd' convention but data.brats_labels is 'brats'"):
+        resolve_convention("brats", [str(tmp_path / "msd.json")])
+    (tmp_path / "none.json").write_text(json.dumps({"training": []}))
+    assert resolve_convention("brats", [str(tmp_path / "none.json")]) == "brats"
+    with pytest.raises(DataError, match="none.json: names no BraTS labels; set data.brats_labels"):
+        resolve_convention(None, [str(tmp_path / "none.json")])
+
+
+@pytest.mark.parametrize("convention", ["msd", "brats"])
+def test_brats_regions_on_four_channel_mri_from_ct_pretraining(phantom_dir, tmp_path, convention):
     from helpers import write_nifti
     from test_pretrain import base_config, run_cfg
 
+    core, edema, enhancing = {"msd": (2, 1, 3), "brats": (1, 2, 4)}[convention]
     rng = np.random.default_rng(0)
     entries = []
     for i in range(2):
         img = rng.normal(100, 20, size=(32, 32, 32, 4)).astype(np.float32)
         lab = np.zeros((32, 32, 32), np.uint8)
-        lab[8:20, 8:20, 8:20], lab[10:16, 10:16, 10:16], lab[12:14, 12:14, 12:14] = 2, 1, 4  # edema, necrosis, enhancing
+        lab[8:20, 8:20, 8:20], lab[10:16, 10:16, 10:16], lab[12:14, 12:14, 12:14] = edema, core, enhancing
         img[lab > 0] += 80
         write_nifti(tmp_path / f"mr{i}.nii.gz", img, spacing=(1.0, 1.0, 1.0))
         write_nifti(tmp_path / f"mr{i}_seg.nii.gz", lab, spacing=(1.0, 1.0, 1.0))
         entries.append({"image": f"mr{i}.nii.gz", "label": f"mr{i}_seg.nii.gz"})
-    (tmp_path / "brats.json").write_text(json.dumps({"training": entries, "validation": entries[:1]}))
+    names = {"msd": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+             "brats": {"0": "background", "1": "necrotic tumor core", "2": "peritumoral edema", "4": "enhancing tumor"}}
+    (tmp_path / "brats.json").write_text(json.dumps({"labels": names[convention], "training": entries,
+                                                     "validation": entries[:1]}))
     encoder = run_cfg(base_config(phantom_dir, tmp_path, train={"max_steps": 1, "batch_size": 1}))  # 1-channel CT
     tree = ft_config(phantom_dir, tmp_path, data={"train": str(tmp_path / "brats.json"), "val": str(tmp_path / "brats.json"),
                                                   "preset": "mri", "channels": 4, "regions": "brats", "spacing": [1.0, 1.0, 1.0],
@@ -280,7 +315,15 @@ def test_brats_regions_on_four_channel_mri_from_ct_pretraining(phantom_dir, tmp_
     cfg = load_config(None, [], FinetuneConfig, base=tree)
     assert cfg.class_names() == ["TC", "WT", "ET"]
     best = finetune(cfg, pretrained=encoder)
+    assert torch.load(best, weights_only=False)["hyper_parameters"]["config"]["data"]["brats_labels"] == convention
     assert "conv_0.conv_0.conv.weight (32, 1) → (32, 4) (repeat)".replace("32", "4") in \
         (tmp_path / "ft" / "pretrained_load.txt").read_text()
     result = evaluate(best, tmp_path / "brats.json", tmp_path / "m.json")
     assert result["classes"] == ["TC", "WT", "ET"] and set(result["mean"]["dice"]) == {"TC", "WT", "ET"}
+    # A perfect prediction scores 1 on all three regions: each is present and built from this convention's ids.
+    from subfore.evaluate import case_metrics
+    from subfore.data.brats import to_regions
+
+    regions = to_regions(torch.as_tensor(lab[None]).long(), convention)[None]
+    assert regions.flatten(2).sum(2)[0].tolist() == [6 ** 3, 12 ** 3, 2 ** 3]
+    assert case_metrics(regions, regions, 3, (1.0, 1.0, 1.0), regions=True)["dice"] == [1.0, 1.0, 1.0]

@@ -15,6 +15,7 @@ from monai.data import MetaTensor
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
 from monai.transforms import Compose, Invertd, LoadImaged
 
+from .data.brats import convention_of, from_regions
 from .data.datalist import case_id, load_datalists
 from .data.dataset import load_item
 from .data.transforms import preprocess
@@ -98,6 +99,9 @@ def evaluate(
     if unlabeled:
         raise DataError(unlabeled[0], f"has no label in split '{split}': evaluate needs labels")
     preset = cfg.data.preset_obj()
+    if cfg.data.regions == "brats":  # this data's own label ids decide its regions; else the training data's
+        found = convention_of(data if isinstance(data, list) else [str(data)])
+        cfg.data.brats_labels = found[0] if found else cfg.data.brats_labels
     transform = eval_transforms(cfg, preset)
     if grid == "label":
         invert = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True)
@@ -206,11 +210,8 @@ def predict(
         pred = predict_volume(net, torch.as_tensor(image)[None].float(), roi or cfg.data.roi,
                               overlap if overlap is not None else cfg.finetune.sw_overlap,
                               sw_batch_size or cfg.finetune.sw_batch_size, cfg.sigmoid, precision).cpu()[0]
-        if cfg.sigmoid:  # regions → one label map: ET 3 inside TC 2 inside WT 1 (later wins)
-            lab = torch.zeros_like(pred[:1], dtype=torch.float32)
-            for value, ch in ((1, 1), (2, 0), (3, 2)):
-                lab[pred[ch : ch + 1]] = value
-            pred = lab
+        if cfg.sigmoid:  # TC/WT/ET → the label ids of the convention the network was trained on
+            pred = from_regions(pred, cfg.data.brats_labels or "msd")
         # Invertd replays the image's recorded operations backwards onto the prediction.
         d["pred"] = MetaTensor(pred.float(), meta=image.meta, applied_operations=image.applied_operations)
         restored = invert(d)["pred"]

@@ -21,7 +21,6 @@ from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
 from monai.transforms import (
     Compose,
-    ConvertToMultiChannelBasedOnBratsClassesd,
     CropForegroundd,
     MapTransform,
     RandCropByLabelClassesd,
@@ -36,6 +35,7 @@ from monai.transforms import (
 from pydantic import Field, model_validator
 
 from .config import DataConfig, ModelConfig, OptimConfig, Strict, TrainConfig, dump_config, fill_lr_check_batch
+from .data.brats import BratsRegionsd, resolve_convention
 from .data.datalist import load_datalists
 from .data.dataset import make_dataset
 from .data.presets import Preset
@@ -63,6 +63,9 @@ class FinetuneData(DataConfig):
     samples_per_volume: int = Field(4, ge=1)
     label_map: dict[int, int] | None = Field(None, description="{src_id: dst_id}; unlisted ids become 0")
     regions: Literal["brats"] | None = Field(None, description="brats: labels → TC/WT/ET channels, sigmoid outputs")
+    brats_labels: Literal["msd", "brats"] | None = Field(
+        None, description="label ids with regions: brats. msd: MSD Task01 (1 ED, 2 NET, 3 ET); brats: BraTS "
+        "2018-2021 (1 NCR, 2 ED, 4 ET); unset: from the label names in dataset.json")
     limit_train: int | None = Field(None, ge=1, description="use only the first N training cases (label-efficient)")
     holdout: int | None = Field(None, ge=1, description="validate on the last N cases of data.train (not trained on) "
                                 "instead of data.val")
@@ -187,7 +190,10 @@ def label_transforms(cfg: FinetuneConfig) -> list:
     if cfg.data.label_map:
         out.append(RemapLabelsd("label", cfg.data.label_map))
     if cfg.data.regions == "brats":
-        out.append(ConvertToMultiChannelBasedOnBratsClassesd("label"))
+        if cfg.data.brats_labels is None:
+            raise SubforeError("data.regions 'brats' needs data.brats_labels (msd or brats) or a dataset.json that "
+                               "names its labels")
+        out.append(BratsRegionsd("label", cfg.data.brats_labels))
     else:
         out.append(CheckLabelsd("label", cfg.model.out_channels))
     return out
@@ -371,6 +377,8 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     pl.seed_everything(cfg.seed, verbose=False)
     ensure_phantoms(cfg)
     preset = d.preset_obj()
+    if d.regions == "brats":
+        d.brats_labels = resolve_convention(d.brats_labels, [d.train] if isinstance(d.train, str) else d.train)
     items, val_items = finetune_cases(cfg)
     model = SegmentationModel(cfg)
     pretrained = pretrained or cfg.finetune.pretrained
@@ -389,13 +397,15 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     per_batch = check_fill(len(items), t.batch_size, d.samples_per_volume, world,
                            str(d.train if isinstance(d.train, str) else d.train[0]))
     train_ds = make_dataset(items, train_transforms(cfg, preset), d.cache_dir,
-                            cache_key=(preset, "seg", d.label_map, d.regions, d.foreground_crop, list(d.roi)),
+                            cache_key=(preset, "seg", d.label_map, d.regions, d.brats_labels, d.foreground_crop,
+                                       list(d.roi)),
                             skip_bad=d.skip_bad)
     train = train_loader(train_ds, cfg.seed, per_batch, trainer, d.num_workers)
     val = None
     if val_items is not None:
         val_ds = make_dataset(shard(val_items, rank, world), eval_transforms(cfg, preset), d.cache_dir,
-                              cache_key=(preset, "seg-eval", d.label_map, d.regions), skip_bad=d.skip_bad)
+                              cache_key=(preset, "seg-eval", d.label_map, d.regions, d.brats_labels),
+                              skip_bad=d.skip_bad)
         val = DataLoader(val_ds, batch_size=1, num_workers=min(1, d.num_workers))
     if pretrained and ckpt_path is None:
         from .weights import load_pretrained
