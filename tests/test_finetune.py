@@ -96,7 +96,7 @@ def test_finetune_from_pretrained_encoder_loads_and_then_trains(phantom_dir, tmp
                      model={"name": "swinunetr", "feature_size": 12}, train={"batch_size": 1})
     last = finetune(load_config(None, [], FinetuneConfig, base=tree), pretrained=encoder)
     report = (tmp_path / "ft" / "pretrained_load.txt").read_text()
-    assert "0 unexpected" in report and "missing: out.conv.conv.bias, out.conv.conv.weight" in report
+    assert "0 unexpected" in report and "missing (left at init): out.conv.conv.bias, out.conv.conv.weight" in report
     tuned = torch.load(last, weights_only=False)["state_dict"]
     key = "swinViT.layers1.0.blocks.0.attn.qkv.weight"
     from monai.networks.nets import SwinUNETR
@@ -124,6 +124,79 @@ def test_pretrained_layouts_and_channel_adaptation(tmp_path):
     torch.save({"model": {"foo.weight": torch.zeros(3)}}, tmp_path / "b.pt")
     with pytest.raises(SubforeError, match="no encoder key matched"):
         load_pretrained(net, tmp_path / "b.pt", "swinunetr")
+
+
+def _released_swinvit(net) -> dict:
+    """The layout of MONAI's released self-supervised SwinUNETR weights, written from a v1 network's encoder."""
+    return {"state_dict": {"module." + k[len("swinViT."):].replace(".linear1.", ".fc1.").replace(".linear2.", ".fc2."): v
+                           for k, v in net.state_dict().items() if k.startswith("swinViT.")}}
+
+
+def test_released_swinunetr_ssl_weights_load_whole_into_v1_and_v2(tmp_path):
+    from monai.networks.nets import SwinUNETR
+
+    from subfore.weights import load_pretrained
+
+    torch.manual_seed(0)
+    released = _released_swinvit(SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=False))
+    assert "module.layers1.0.blocks.0.mlp.fc1.weight" in released["state_dict"]
+    torch.save(released, tmp_path / "model_swinvit.pt")
+    reference = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_v2=False)
+    reference.load_from(released)  # MONAI's own reader of this layout
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_v2=False)
+    report = load_pretrained(net, tmp_path / "model_swinvit.pt", "swinunetr")
+    encoder = [k for k in net.state_dict() if k.startswith("swinViT.")]
+    assert report.encoder_loaded == report.encoder_total == len(encoder) == len(released["state_dict"])
+    assert report.unexpected == [] and report.renamed == len(encoder)
+    assert all(torch.equal(net.state_dict()[k], reference.state_dict()[k]) for k in encoder)
+    v2 = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_v2=True)
+    report = load_pretrained(v2, tmp_path / "model_swinvit.pt", "swinunetr")
+    assert report.expected_missing and all(".layers1c." in k or ".layers2c." in k or ".layers3c." in k
+                                           or ".layers4c." in k for k in report.expected_missing)
+    assert report.encoder_loaded == report.encoder_total == len(encoder)
+    assert "expected missing, not in a v1 SwinUNETR pretraining" in str(report)
+
+
+def test_research_contributions_sslhead_checkpoint_loads_its_encoder(tmp_path):
+    from monai.networks.nets import SwinUNETR
+
+    from subfore.weights import load_pretrained
+
+    src = SwinUNETR(in_channels=1, out_channels=1, feature_size=12, use_v2=True).state_dict()
+    ssl = {f"module.{k}": v for k, v in src.items() if k.startswith("swinViT.")}
+    ssl.update({"module.rotation_head.weight": torch.zeros(4, 384), "module.contrastive_head.weight": torch.zeros(512, 384),
+                "module.conv.0.weight": torch.zeros(192, 384, 3, 3, 3)})
+    torch.save({"epoch": 10, "state_dict": ssl}, tmp_path / "ssl.pt")
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_v2=True)
+    report = load_pretrained(net, tmp_path / "ssl.pt", "swinunetr")
+    assert report.encoder_loaded == report.encoder_total == sum(k.startswith("swinViT.") for k in src)
+    assert sorted(report.unexpected) == ["contrastive_head.weight", "conv.0.weight", "rotation_head.weight"]
+    assert "unexpected, no such tensor in this network (skipped): rotation_head.weight" in str(report)
+
+
+def test_partial_loads_are_refused_and_output_heads_never_load(tmp_path):
+    from monai.networks.nets import BasicUNet
+
+    from subfore.weights import load_pretrained
+
+    make = lambda out: BasicUNet(spatial_dims=3, in_channels=1, out_channels=out, features=(4, 4, 8, 16, 32, 4))  # noqa: E731
+    hpm = make(2).state_dict()  # an HPM pretraining: reconstruction + predicted loss = 2 output channels
+    torch.save({"state_dict": {f"net.{k}": v + 1 for k, v in hpm.items()}}, tmp_path / "hpm.ckpt")
+    net = make(2)  # a 2-class finetune: the same head shape
+    head_before = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("final_conv.")}
+    report = load_pretrained(net, tmp_path / "hpm.ckpt", "basicunet")
+    assert sorted(report.head) == sorted(head_before) and all(torch.equal(net.state_dict()[k], v) for k, v in head_before.items())
+    assert torch.equal(net.state_dict()["conv_0.conv_0.conv.weight"], hpm["conv_0.conv_0.conv.weight"] + 1)
+    assert "skipped, the pretraining's output head (never loaded): final_conv.weight, final_conv.bias" in str(report)
+    # One encoder tensor of many: refused in one line, unless the user lowers the share.
+    torch.save({"conv_0.conv_0.conv.weight": hpm["conv_0.conv_0.conv.weight"]}, tmp_path / "one.pt")
+    total = sum(k.startswith("conv_0.") for k in net.state_dict())
+    with pytest.raises(SubforeError) as err:
+        load_pretrained(make(3), tmp_path / "one.pt", "basicunet")
+    assert str(err.value).startswith(f"{tmp_path / 'one.pt'}: only 1 of the {total} encoder tensors of this basicunet "
+                                     f"loaded ({1 / total:.0%} < finetune.min_encoder_loaded 0.9")
+    assert "\n" not in str(err.value)
+    assert load_pretrained(make(3), tmp_path / "one.pt", "basicunet", min_encoder=0.0).encoder_loaded == 1
 
 
 def test_class_balanced_crops_visit_a_small_organ_as_often_as_the_big_one(tmp_path):

@@ -83,6 +83,8 @@ class SegModelConfig(ModelConfig):
 class FinetuneOptions(Strict):
     pretrained: str | None = None
     adapt_in_channels: Literal["repeat", "reinit"] = "repeat"
+    min_encoder_loaded: float = Field(0.9, ge=0, le=1, description="refuse pretrained weights that fill less than "
+                                      "this share of the encoder's tensors (0 accepts any partial load)")
     sw_overlap: float = Field(0.5, ge=0, lt=1)
     sw_batch_size: int = Field(4, ge=1)
     select: Literal["best", "last"] | None = Field(
@@ -410,7 +412,8 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     if pretrained and ckpt_path is None:
         from .weights import load_pretrained
 
-        report = load_pretrained(model.net, pretrained, cfg.model.name, cfg.finetune.adapt_in_channels)
+        report = load_pretrained(model.net, pretrained, cfg.model.name, cfg.finetune.adapt_in_channels,
+                                 cfg.finetune.min_encoder_loaded)
         if trainer.is_global_zero:
             print(report)
             run_dir.mkdir(parents=True, exist_ok=True)
