@@ -119,7 +119,8 @@ def evaluate(
         if grid == "label":
             # The prediction goes back through the image's recorded orientation and resampling; the label is read
             # untouched, so every voxel of the ground truth is scored once, at its own size.
-            d["pred"] = MetaTensor(pred[0].float(), meta=d["image"].meta, applied_operations=d["image"].applied_operations)
+            img = d["image"]
+            d["pred"] = MetaTensor(pred[0].float(), meta=img.meta, applied_operations=img.applied_operations)
             pred = torch.as_tensor(invert(d)["pred"])[None].round().to(torch.uint8 if cfg.sigmoid else torch.long)
             own = load_item(raw_label, {"label": item["label"]})["label"]
             label = torch.as_tensor(own)[None]

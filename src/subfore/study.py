@@ -22,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from .config import PretrainConfig, Strict, load_config, set_dotted
 from .engine import device_for
 from .data.datalist import case_id, load_datalists
-from .errors import ConfigError, SubforeError
+from .errors import ConfigError
 from .finetune import FinetuneConfig, finetune_cases
 from .masking import REGISTRY
 
