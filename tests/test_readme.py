@@ -61,6 +61,9 @@ TINY = {
     "evaluate": [],
     "predict": [],
     "study": _sets(STUDY),
+    "study --check": [],
+    "probe": ["--steps", "20", "--device", "cpu"],
+    "fingerprint": ["--crops", "4"],
 }
 
 
@@ -108,6 +111,8 @@ def command_of(argv: list[str]) -> str:
     name = args[0]
     if name in ("pretrain", "finetune") and ("--resume" in args or "--resume-from" in args):
         return f"{name} --resume"
+    if name == "study" and "--check" in args:
+        return "study --check"
     return name
 
 
@@ -267,6 +272,29 @@ def check_study(cwd: Path, p: dict, before) -> None:
     _png(out / "curves.png")
 
 
+def check_study_check(cwd: Path, p: dict, before) -> None:
+    from subfore.config import load_config
+    from subfore.study import StudyConfig
+
+    cfg = load_config(cwd / p["config"], list(p["set_"] or []), StudyConfig)
+    assert not (cwd / cfg.study.study_dir).exists()  # resolved, not run
+
+
+def check_probe(cwd: Path, p: dict, before) -> None:
+    out = cwd / p["out"]
+    result = json.loads(out.read_text())
+    assert {"pretrained", "baseline", "difference", "protocol"} <= set(result)
+    assert result["protocol"]["steps"] == p["steps"]
+    _png(out.with_suffix(".png"))
+
+
+def check_fingerprint(cwd: Path, p: dict, before) -> None:
+    fp = json.loads((cwd / p["out"] / "fingerprint.json").read_text())
+    assert fp["crops"] == p["crops"] and len(fp["foreground_share"]["per_crop"]) == p["crops"]
+    assert fp["foreground_share"]["mean"] == pytest.approx(sum(fp["foreground_share"]["per_crop"]) / p["crops"], abs=1e-5)
+    _png(cwd / p["out"] / "foreground_share.png")
+
+
 CHECKS = {
     "phantoms": check_phantoms,
     "show-mask": check_show_mask,
@@ -277,6 +305,9 @@ CHECKS = {
     "evaluate": check_evaluate,
     "predict": check_predict,
     "study": check_study,
+    "study --check": check_study_check,
+    "probe": check_probe,
+    "fingerprint": check_fingerprint,
 }
 BEFORE = {"pretrain --resume": before_resume}
 

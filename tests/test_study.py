@@ -18,10 +18,12 @@ def micro(phantom_dir, tmp_path, **study_keys) -> dict:
         "study": {"study_dir": str(tmp_path / "study"), "arms": ["scratch", "foreground"], "seeds": [0],
                   "pretrain_data": [ds], "finetune_train": {"data": ds, "split": "training"},
                   "finetune_val": {"holdout": 1}, "select": "best",
+                  "probe": {"data": ds, "test_split": "validation", "label_map": {1: 1, 6: 2}, "steps": 20},
                   "test": [{"name": "phantoms", "data": ds, "split": "validation"},
                            {"name": "absent", "data": str(tmp_path / "nope.json"), "optional": True}],
                   **study_keys},
-        "pretrain": {"data": {"roi": [32, 32, 32], "cache_dir": str(tmp_path / "cache"), "num_workers": 0},
+        "pretrain": {"data": {"roi": [32, 32, 32], "spacing": [4.0, 4.0, 4.0], "cache_dir": str(tmp_path / "cache"),
+                              "num_workers": 0},
                      "model": {"name": "basicunet", "feature_size": 4},
                      "train": {"max_steps": 2, "batch_size": 2, "log_every": 1, "ckpt_every": 2, "progress_bar": False}},
         "finetune": {"data": {"roi": [32, 32, 32], "spacing": [3.0, 3.0, 3.0], "samples_per_volume": 2,
@@ -56,6 +58,9 @@ def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, 
     assert protocol["pretrain_overlap"] == {"phantoms": ["phantom_003"]}
     assert "warning: test 'phantoms' cases were also pretraining data: phantom_003" in (out / "results.md").read_text()
     assert all(r["checkpoint"] == "best.ckpt" for r in results["runs"])
+    # The probe read-out: scratch probes its random init, the pretrained arm its encoder; both in results.md.
+    assert all(set(r["probe"]["dice"]) == {"class_1", "class_2"} for r in results["runs"])
+    assert "## Linear probe" in (out / "results.md").read_text()
     assert [(r["arm"], r["seed"]) for r in results["runs"]] == [("scratch", 0), ("foreground", 0)]
     run = results["runs"][1]
     assert set(run["tests"]) == {"phantoms"}  # the optional, absent test set is skipped
@@ -72,6 +77,12 @@ def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, 
 
     monkeypatch.setattr(mod, "run_one", fail)
     study(cfg)
+    # A run that finished before the probe was configured gets its probe without training again.
+    marker = out / "scratch" / "seed0" / "result.json"
+    probe = json.loads(marker.read_text()).pop("probe")
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "probe"}))
+    study(cfg)
+    assert json.loads(marker.read_text())["probe"] == probe
     (out / "foreground" / "seed0" / "result.json").unlink()
     calls = []
     monkeypatch.setattr(mod, "run_one", lambda cfg, arm, over, seed: calls.append(arm) or results["runs"][1])

@@ -74,6 +74,61 @@ def _device(device: str) -> str:
     return device_for("cuda") if device == "auto" else device
 
 
+def _label_map(text: Optional[str]) -> Optional[dict]:
+    """--label-map '{5: 6, 7: 11}' (YAML or JSON) → {5: 6, 7: 11}."""
+    if not text:
+        return None
+    import yaml
+
+    from .errors import SubforeError
+
+    try:
+        mapping = yaml.safe_load(text)
+        return {int(k): int(v) for k, v in mapping.items()}
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        raise SubforeError(f"--label-map expects a mapping such as '{{5: 6, 7: 11}}', got {text!r}") from None
+
+
+@app.command()
+def probe(
+    encoder: Path = typer.Option(..., "--encoder", help="RUN_DIR/encoder.pt (its encoder.json names the architecture)"),
+    data: List[str] = typer.Option(..., "--data", help="labelled datalist (dataset.json, nnU-Net folder, ...)"),
+    split: str = typer.Option("training", "--split", help="the cases that train the linear head"),
+    test_split: str = typer.Option("validation", "--test-split", help="the held-out cases that are scored"),
+    label_map: Optional[str] = typer.Option(None, "--label-map", help="YAML/JSON {src: dst}; others → background"),
+    steps: int = typer.Option(300, "--steps", help="optimiser steps of the linear head"),
+    seed: int = typer.Option(0, "--seed", help="the probe's seed (head init, voxel draws, baseline init)"),
+    out: Path = typer.Option(Path("probe.json"), "--out", help="probe.json; probe.md and probe.png beside it"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Linear probe of a frozen pretrained network vs the same network at random init (per-class Dice)."""
+    from .probe import ProbeSettings, markdown_line, probe_encoder
+
+    settings = ProbeSettings(data=data if len(data) > 1 else data[0], split=split, test_split=test_split,
+                             label_map=_label_map(label_map), steps=steps, seed=seed)
+    result = probe_encoder(encoder, settings, out, _device(device))
+    typer.echo(f"{markdown_line(result)} → {out}")
+
+
+@app.command()
+def fingerprint(
+    datalist: List[str] = typer.Argument(..., help="the pretraining data (dataset.json, folder, glob, ...)"),
+    config: Path = typer.Option(..., "--config", "-c", help="the pretraining config: its preset, ROI, λ, ρ, size"),
+    out: Path = typer.Option(..., "--out", help="folder for fingerprint.json and foreground_share.png"),
+    crops: int = typer.Option(64, "--crops", help="random training crops to sample"),
+    seed: int = typer.Option(0, "--seed"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set masking.threshold=0.2"),
+) -> None:
+    """Foreground share of random training crops: will foreground masks differ from random ones on this data?"""
+    from .config import load_config
+    from .fingerprint import fingerprint as run
+    from .fingerprint import summary_line
+
+    cfg = load_config(config, set_ or [])
+    result = run(datalist if len(datalist) > 1 else datalist[0], cfg, out, crops, seed)
+    typer.echo(f"{summary_line(result)} → {out}/fingerprint.json")
+
+
 def _roi(roi: Optional[str]):
     from .cli import _floats
 
@@ -104,15 +159,7 @@ def evaluate(
 
     from .errors import SubforeError
 
-    mapping = None
-    if label_map:
-        import yaml
-
-        try:
-            mapping = yaml.safe_load(label_map)
-            mapping = {int(k): int(v) for k, v in mapping.items()}
-        except (yaml.YAMLError, AttributeError, TypeError, ValueError):
-            raise SubforeError(f"--label-map expects a mapping such as '{{5: 6, 7: 11}}', got {label_map!r}") from None
+    mapping = _label_map(label_map)
     from .evaluate import plot_bars, write_table
 
     methods = list(method or [])

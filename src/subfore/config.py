@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .data.presets import Preset
 from .errors import ConfigError
@@ -38,7 +38,8 @@ class DataConfig(Strict):
     val: str | list[str] | None = None
     train_split: Literal["training", "validation", "test"] = "training"
     val_split: Literal["training", "validation", "test"] = "validation"
-    preset: Literal["ct", "mri"] = "ct"
+    preset: Literal["ct", "mri", "nnunet"] = Field(
+        "ct", description="nnunet: spacing, normalisation and axis order from model.nnunet_plans (docs/nnunet.md)")
     spacing: tuple[float, float, float] | None = None
     window: tuple[float, float, float, float] | None = Field(None, description="a_min, a_max, b_min, b_max")
     channels: int = Field(1, ge=1)
@@ -48,8 +49,20 @@ class DataConfig(Strict):
     num_workers: int = Field(2, ge=0)
     skip_bad: bool = False
     phantoms: PhantomSource | None = None
+    # (plans, configuration) behind preset nnunet: the model section names them; set by the run config's validator.
+    _nnunet: tuple[str, str] | None = PrivateAttr(None)
+
+    def link_plans(self, plans: str, configuration: str) -> None:
+        self._nnunet = (str(plans), configuration)
 
     def preset_obj(self) -> Preset:
+        if self.preset == "nnunet":
+            # The plans decide spacing and intensities; data.spacing and data.window do not apply.
+            from .nnunet import preset_from_plans
+
+            if self._nnunet is None:
+                raise ConfigError("data.preset nnunet needs model.nnunet_plans (the nnU-Net plans JSON)")
+            return preset_from_plans(*self._nnunet, channels=self.channels)
         extra: dict[str, Any] = {"modality": self.preset, "channels": self.channels}
         if self.spacing:
             extra["spacing"] = self.spacing
@@ -59,7 +72,7 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    name: Literal["swinunetr", "unetr", "basicunet"] = "swinunetr"
+    name: Literal["swinunetr", "unetr", "basicunet", "resenc", "resenc_l"] = "swinunetr"
     feature_size: int = Field(48, ge=1)
     use_v2: bool = True
     checkpointing: bool = Field(False, description="gradient checkpointing (SwinUNETR): less memory, more time")
@@ -68,6 +81,15 @@ class ModelConfig(Strict):
     mlp_dim: int = 3072
     num_heads: int = 12
     dropout: float = 0.0
+    # nnU-Net (resenc: the network; data.preset nnunet: the preprocessing). resenc_l is fixed and needs no plans.
+    nnunet_plans: str | None = Field(None, description="nnU-Net plans JSON, e.g. nnUNetResEncUNetLPlans.json")
+    nnunet_configuration: str = Field("3d_fullres", description="the plans' configuration to build")
+
+    @model_validator(mode="after")
+    def _plans(self) -> "ModelConfig":
+        if self.name == "resenc" and not self.nnunet_plans:
+            raise ValueError("model.name resenc is built from an nnU-Net plans file: set model.nnunet_plans")
+        return self
 
 
 _HU = re.compile(r"^\s*(-?\d+(\.\d*)?)\s*hu\s*$", re.IGNORECASE)
@@ -140,7 +162,24 @@ class TrainConfig(Strict):
     progress_bar: bool = True
 
 
-DEFAULT_LR = {"swinunetr": 8e-4, "unetr": 1e-4, "basicunet": 1e-3}
+class ProbeSettings(Strict):
+    """The probe's fixed protocol: labelled data, which split trains the head and which is scored, and its budget."""
+
+    data: str | list[str] = Field(..., description="labelled datalist(s)")
+    split: Literal["training", "validation", "test"] = "training"
+    test_data: str | list[str] | None = Field(None, description="the scored datalist(s); default: data")
+    test_split: Literal["training", "validation", "test"] = "validation"
+    label_map: dict[int, int] | None = Field(None, description="{src: dst}; unlisted ids become background")
+    limit: int | None = Field(None, ge=1, description="train the head on the first N volumes only")
+    steps: int = Field(300, ge=1, description="optimiser steps of the linear head")
+    voxels: int = Field(4096, ge=16, description="class-balanced voxels per step")
+    lr: float = Field(0.05, gt=0)
+    seed: int = 0
+    sw_batch_size: int = Field(4, ge=1)
+    every: int = Field(0, ge=0, description="pretraining only: probe every N steps (0: at the end only)")
+
+
+DEFAULT_LR = {"swinunetr": 8e-4, "unetr": 1e-4, "basicunet": 1e-3, "resenc": 1e-3, "resenc_l": 1e-3}
 
 
 class PretrainConfig(Strict):
@@ -153,6 +192,7 @@ class PretrainConfig(Strict):
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    probe: ProbeSettings | None = Field(None, description="a linear probe of the frozen network during pretraining")
 
     @model_validator(mode="after")
     def _defaults(self) -> "PretrainConfig":
@@ -166,6 +206,9 @@ def fill_lr_check_batch(cfg, lr_by_model: dict[str, float]):
     if cfg.train.batch_size % cfg.data.samples_per_volume:
         raise ValueError(f"train.batch_size ({cfg.train.batch_size}) counts crops and must be a multiple of "
                          f"data.samples_per_volume ({cfg.data.samples_per_volume})")
+    from .nnunet import link_config
+
+    link_config(cfg)  # data.preset nnunet reads model.nnunet_plans
     return cfg
 
 

@@ -115,7 +115,7 @@ def evaluate(
         image, label = torch.as_tensor(d["image"])[None].float(), torch.as_tensor(d["label"])[None]
         pred = predict_volume(net, image, roi, overlap if overlap is not None else cfg.finetune.sw_overlap,
                               sw_batch_size or cfg.finetune.sw_batch_size, cfg.sigmoid, precision).cpu()
-        spacing = preset.spacing
+        spacing = preset.array_spacing  # the preprocessed array's axes (nnU-Net's order under its preset)
         if grid == "label":
             # The prediction goes back through the image's recorded orientation and resampling; the label is read
             # untouched, so every voxel of the ground truth is scored once, at its own size.
@@ -138,7 +138,7 @@ def evaluate(
     result = {
         "checkpoint": str(checkpoint), "method": method or Path(cfg.run_dir).name, "split": split,
         "classes": scored, "nsd_tolerance_mm": tolerance_mm, "grid": grid,
-        "spacing_mm": list(preset.spacing) if grid == "resampled" else "each label's own",
+        "spacing_mm": list(preset.array_spacing) if grid == "resampled" else "each label's own",
         "absent_class_rule": ABSENT_RULE, **({"hd95_rule": HD95_RULE} if hd95 else {}), "cases": cases, "mean": mean,
     }
     out = Path(out)

@@ -102,7 +102,7 @@ class FinetuneTrain(TrainConfig):
     grad_clip: float | None = Field(None, gt=0)
 
 
-FT_LR = {"swinunetr": 1e-3, "unetr": 3e-4, "basicunet": 1e-3}
+FT_LR = {"swinunetr": 1e-3, "unetr": 3e-4, "basicunet": 1e-3, "resenc": 1e-3, "resenc_l": 1e-3}
 
 
 class FinetuneConfig(Strict):
@@ -244,7 +244,8 @@ def eval_transforms(cfg: FinetuneConfig, preset: Preset, with_label: bool = True
 def build_seg_net(cfg: FinetuneConfig) -> torch.nn.Module:
     m = cfg.model
     return build_backbone(m.name, cfg.data.channels, m.out_channels, cfg.data.roi, m.feature_size, m.use_v2,
-                          m.checkpointing, m.hidden_size, m.mlp_dim, m.num_heads, m.dropout)
+                          m.checkpointing, m.hidden_size, m.mlp_dim, m.num_heads, m.dropout, m.nnunet_plans,
+                          m.nnunet_configuration)
 
 
 def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: float, sw_batch_size: int,
@@ -373,7 +374,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
     d = cfg.data
-    check_roi(cfg.model.name, d.roi)
+    check_roi(cfg.model.name, d.roi, None, cfg.model.nnunet_plans, cfg.model.nnunet_configuration)
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_resume(run_dir, resume)
     pl.seed_everything(cfg.seed, verbose=False)

@@ -51,9 +51,8 @@ from .masking import (
     masked_l1,
     random_grid,
 )
-from .masking.foreground import parse_threshold
 from .masking.teacher import TeacherGuidedMask, ema_momentum, ranking_loss, spearman
-from .models import build_backbone, check_roi, encoder_state, save_atomic
+from .models import backbone_meta, build_backbone, check_roi, encoder_state, save_atomic
 
 __all__ = ["MaskedImageModel", "pretrain", "resolve_precision", "warmup_cosine"]
 
@@ -76,18 +75,19 @@ class MaskedImageModel(RunModule):
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.model_dump(mode="json")})
         m, mk = cfg.model, cfg.masking
-        check_roi(m.name, cfg.data.roi, mk.subvolume_size)
+        check_roi(m.name, cfg.data.roi, mk.subvolume_size, m.nnunet_plans, m.nnunet_configuration)
         self.channels = cfg.data.channels
         self.predicts_loss = mk.strategy == "hpm"
         # HPM's loss predictor is one extra output channel, pooled per subvolume.
         self.net = build_backbone(
             m.name, self.channels, self.channels + int(self.predicts_loss), cfg.data.roi, m.feature_size, m.use_v2,
-            m.checkpointing, m.hidden_size, m.mlp_dim, m.num_heads, m.dropout,
+            m.checkpointing, m.hidden_size, m.mlp_dim, m.num_heads, m.dropout, m.nnunet_plans, m.nnunet_configuration,
         )
         self.mask_token = torch.nn.Parameter(torch.zeros(self.channels)) if mk.fill == "token" else None
-        window = cfg.data.preset_obj().window
         thr = mk.threshold_kwargs()
-        self.threshold = parse_threshold(thr.get("threshold"), thr.get("threshold_hu"), window)
+        # λ in the preset's units; window: what λ is range-checked against (none for nnU-Net's z-scores).
+        self.threshold, window = cfg.data.preset_obj().foreground_threshold(thr.get("threshold"),
+                                                                            thr.get("threshold_hu"))
         options = dict(mk.options)
         cls = REGISTRY[mk.strategy]
         if issubclass(cls, (RandomMask, ForegroundMask)):
@@ -296,7 +296,7 @@ class MaskedImageModel(RunModule):
         save_atomic(encoder_state(self.net, self.cfg.model.name), path)
         meta = {"model": self.cfg.model.model_dump(mode="json"), "in_channels": self.channels,
                 "roi": list(self.cfg.data.roi), "step": int(self.global_step),
-                "preset": self.cfg.data.preset_obj().model_dump(mode="json")}
+                "preset": self.cfg.data.preset_obj().model_dump(mode="json"), **backbone_meta(self.net)}
         tmp = run_dir / ".encoder.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2))
         tmp.replace(run_dir / "encoder.json")
@@ -304,11 +304,31 @@ class MaskedImageModel(RunModule):
 
 
 class RunArtifacts(Callback):
-    """Rank 0 writes metrics.jsonl at every logged step, snapshots, and encoder.pt beside each checkpoint."""
+    """Rank 0 writes metrics.jsonl at every logged step, snapshots, encoder.pt beside each checkpoint, and the
+    linear probe's Dice (``probe_dice``) every ``probe.every`` steps and at the last step."""
 
-    def __init__(self, run_dir: Path, ckpt_every: int) -> None:
+    def __init__(self, run_dir: Path, ckpt_every: int, cfg: PretrainConfig | None = None) -> None:
         self.run_dir = run_dir
         self.ckpt_every = ckpt_every
+        self.cfg = cfg
+        self._probe = None
+
+    def _probe_now(self, trainer, pl_module: MaskedImageModel) -> None:
+        from .probe import Probe, plot_curve
+
+        cfg, step = self.cfg, trainer.global_step
+        if self._probe is None:
+            self._probe = Probe(cfg.probe, cfg.model.model_dump(mode="json"), cfg.data.channels, cfg.data.roi,
+                                cfg.data.preset_obj(), pl_module.device)
+        net = self._probe.network()
+        net.load_state_dict({k: v for k, v in pl_module.net.state_dict().items()
+                             if k in net.state_dict() and v.shape == net.state_dict()[k].shape}, strict=False)
+        row = {"step": step, "probe_dice": self._probe.run(net)["mean_dice"]}
+        metrics = self.run_dir / "metrics.jsonl"
+        if not any("probe_baseline" in json.loads(x) for x in metrics.read_text().splitlines() if x.strip()):
+            row["probe_baseline"] = self._probe.baseline()["mean_dice"]  # the same head on a random init, once
+        append_jsonl(metrics, row)
+        plot_curve(metrics, self.run_dir / "probe_curve.png")
 
     def on_train_batch_end(self, trainer, pl_module: MaskedImageModel, outputs, batch, batch_idx) -> None:
         if not trainer.is_global_zero or not pl_module.stepped:
@@ -325,6 +345,9 @@ class RunArtifacts(Callback):
             pl_module.last_views = None
         if step % self.ckpt_every == 0:
             pl_module.export_encoder(self.run_dir)
+        p = self.cfg.probe if self.cfg is not None else None
+        if p is not None and ((p.every and step % p.every == 0) or step == trainer.max_steps):
+            self._probe_now(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
@@ -382,7 +405,8 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     """
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_resume(run_dir, resume)
-    check_roi(cfg.model.name, cfg.data.roi, cfg.masking.subvolume_size)
+    check_roi(cfg.model.name, cfg.data.roi, cfg.masking.subvolume_size, cfg.model.nnunet_plans,
+              cfg.model.nnunet_configuration)
     pl.seed_everything(cfg.seed, verbose=False)
     ensure_phantoms(cfg)
     model = MaskedImageModel(cfg)
@@ -390,7 +414,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                  every_n_train_steps=t.ckpt_every, save_on_train_epoch_end=False)
     control = RunControl(run_dir, on_end=lambda: model.export_encoder(run_dir))
-    trainer = make_trainer(run_dir, t, [checkpoint, RunArtifacts(run_dir, t.ckpt_every), control],
+    trainer = make_trainer(run_dir, t, [checkpoint, RunArtifacts(run_dir, t.ckpt_every, cfg), control],
                            cfg.data.val is not None)
     train_loader_, val_loader = make_loaders(cfg, trainer)
     if trainer.is_global_zero:

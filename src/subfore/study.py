@@ -25,6 +25,7 @@ from .data.datalist import case_id, load_datalists
 from .errors import ConfigError
 from .finetune import FinetuneConfig, finetune_cases
 from .masking import REGISTRY
+from .probe import ProbeSettings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class StudySection(Strict):
     select: Literal["best", "last"] = Field("best", description="the finetuned checkpoint that is scored")
     test: list[TestSet]
     sweep: dict[str, list[Any]] | None = Field(None, description="one key → values, e.g. {masking.ratio: [0.4, 0.8]}")
+    probe: ProbeSettings | None = Field(None, description="a linear probe of every arm's frozen network (scratch: "
+                                        "its random init), a second read-out beside finetune Dice")
 
     @field_validator("arms")
     @classmethod
@@ -310,10 +313,34 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
     result = {"arm": arm, "seed": seed, "checkpoint": best.name, "tests": tests, "pretrain_loss": pre_curve,
               "finetune_val_dice": _curve(run / "finetune" / "metrics.jsonl", "val_dice"),
               "wall_s": round(time.time() - t0, 1)}
+    if st.probe is not None:
+        result["probe"] = probe_arm(cfg, arm, seed)
+    _write_result(run, result)
+    return result
+
+
+def _write_result(run: Path, result: dict) -> None:
     tmp = run / ".result.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(run / "result.json")
-    return result
+
+
+def probe_arm(cfg: StudyConfig, arm: str, seed: int) -> dict:
+    """The linear probe of one arm's frozen network: its pretrained encoder, or for scratch its random init."""
+    import torch
+
+    from .engine import device_for as device  # the probe runs where pretraining ran
+    from .probe import Probe
+
+    st = cfg.study
+    pcfg = load_config(None, [], PretrainConfig, base=_tree(cfg.pretrain, {"data.train": "unused"}))
+    probe = Probe(st.probe, pcfg.model.model_dump(mode="json"), pcfg.data.channels, pcfg.data.roi,
+                  pcfg.data.preset_obj(), device(pcfg.train.accelerator))
+    net = probe.network(seed=seed)
+    encoder = Path(st.study_dir) / arm / f"seed{seed}" / "pretrain" / "encoder.pt"
+    if parse_arm(arm) is not None:
+        net.load_state_dict(torch.load(encoder, map_location="cpu", weights_only=True), strict=False)
+    return probe.run(net)
 
 
 def _curve(path: Path, key: str) -> list[list[float]]:
@@ -346,7 +373,11 @@ def study(cfg: StudyConfig) -> Path:
             marker = out / arm / f"seed{seed}" / "result.json"
             if marker.exists():
                 log.warning("skipping finished %s seed %d", arm, seed)
-                results.append(json.loads(marker.read_text()))
+                done = json.loads(marker.read_text())
+                if st.probe is not None and "probe" not in done:  # finished before the probe was configured
+                    done["probe"] = probe_arm(cfg, arm, seed)
+                    _write_result(marker.parent, done)
+                results.append(done)
                 continue
             print(f"== {arm}, seed {seed}", flush=True)
             results.append(run_one(cfg, arm, over, seed))
@@ -389,8 +420,22 @@ def summarize(results: list[dict], out: Path, protocol: dict | None = None) -> N
                 cells.append(f"**{cell}**" if m is not None and m == b and len(arms) > 1 else cell)
             md.append(f"| {arm} | " + " | ".join(cells) + " |")
         md.append("")
+    probed = [r for r in results if r.get("probe")]
+    if probed:
+        md += ["## Linear probe (frozen network; scratch: its random init)", "",
+               "Mean Dice (%) of a linear 1×1×1 head on the frozen network's last decoder features, mean ± std over "
+               "seeds: the pretraining's own read-out, without finetuning noise.", "",
+               "| arm | probe mean Dice | finetune mean Dice (first test set) |", "|---|---|---|"]
+        first = tests[0] if tests else None
+        for arm in arms:
+            m, sd = _mean_std([r["probe"]["mean_dice"] for r in probed if r["arm"] == arm])
+            summary.setdefault("linear probe", {})[arm] = (m, sd)
+            fm, fs = summary.get(first, {}).get(arm, (None, None)) if first else (None, None)
+            cell = lambda a, b: "–" if a is None else f"{100 * a:.1f} ± {100 * b:.1f}"  # noqa: E731
+            md.append(f"| {arm} | {cell(m, sd)} | {cell(fm, fs)} |")
+        md.append("")
     (out / "results.md").write_text("\n".join(md))
-    _plots(results, arms, tests, summary, out)
+    _plots(results, arms, tests + (["linear probe"] if probed else []), summary, out)
 
 
 def _plots(results, arms, tests, summary, out: Path) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -17,6 +19,7 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
+    Transposed,
 )
 
 from ..errors import DataError
@@ -75,8 +78,53 @@ class CheckVolumed(MapTransform):
         return d
 
 
+class NnunetNormalized(MapTransform):
+    """nnU-Net's intensity normalisation, per channel, of (C, D, H, W) images (its default_normalization_schemes).
+
+    CTNormalization: clip to the foreground's [percentile 0.5, 99.5], then (x − mean) / std of the foreground.
+    ZScoreNormalization: (x − mean) / std of this volume, over its nonzero region (holes filled) when the plans
+    set use_mask_for_norm, with 0 outside it. RescaleTo01: (x − min) / (max − min). RGBTo01: x / 255.
+    """
+
+    def __init__(self, keys: KeysCollection, norms) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.norms = tuple(norms)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        eps = 1e-8
+        for key in self.key_iterator(d):
+            img = d[key]
+            x = (img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)).float().clone()
+            region = None
+            for c, n in enumerate(self.norms):
+                v = x[c]
+                if n.scheme == "CTNormalization":
+                    x[c] = (v.clamp(n.lower, n.upper) - n.mean) / max(n.std, eps)
+                elif n.scheme == "ZScoreNormalization" and n.use_mask:
+                    if region is None:
+                        from scipy.ndimage import binary_fill_holes
+
+                        region = torch.from_numpy(binary_fill_holes((x != 0).any(0).numpy()).astype(np.bool_))
+                    inside = v[region]
+                    std = inside.std(unbiased=False) if inside.numel() else torch.tensor(1.0)
+                    x[c] = torch.where(region, (v - inside.mean()) / std.clamp_min(eps), 0.0)
+                elif n.scheme == "ZScoreNormalization":
+                    x[c] = (v - v.mean()) / v.std(unbiased=False).clamp_min(eps)
+                elif n.scheme == "RescaleTo01Normalization":
+                    v = v - v.min()
+                    x[c] = v / v.max().clamp_min(eps)
+                elif n.scheme == "RGBTo01Normalization":
+                    x[c] = v / 255.0
+            d[key] = MetaTensor(x, meta=img.meta, applied_operations=img.applied_operations) \
+                if isinstance(img, MetaTensor) else x
+        return d
+
+
 def intensity(preset: Preset, key: str = "image") -> MapTransform:
-    """HU window (ct) or per-volume percentiles (mri) to [b_min, b_max], clipped."""
+    """HU window (ct) or per-volume percentiles (mri) to [b_min, b_max], clipped; nnunet: the plans' schemes."""
+    if preset.modality == "nnunet":
+        return NnunetNormalized(key, preset.norms)
     if preset.modality == "ct":
         return ScaleIntensityRanged(key, preset.a_min, preset.a_max, preset.b_min, preset.b_max, clip=True)
     return ScaleIntensityRangePercentilesd(
@@ -85,9 +133,13 @@ def intensity(preset: Preset, key: str = "image") -> MapTransform:
 
 
 def preprocess(preset: Preset, keys: Sequence[str] = ("image",)) -> list:
-    """Load → check → orient → resample → normalise; labels are resampled with nearest neighbour."""
+    """Load → check → orient → resample → normalise (→ nnU-Net's axis order); labels resampled nearest."""
     keys = list(keys)
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    order = []
+    if preset.axes is not None and tuple(preset.axes) != (0, 1, 2):
+        # Invertible (Invertd replays it backwards), so predictions still land on each input's own grid.
+        order = [Transposed(keys, (0, *(a + 1 for a in preset.axes)))]
     return [
         LoadImaged(keys, image_only=True, ensure_channel_first=True),
         CheckVolumed([k for k in keys if k != "label"], label_key="label" if "label" in keys else None,
@@ -95,7 +147,7 @@ def preprocess(preset: Preset, keys: Sequence[str] = ("image",)) -> list:
         Orientationd(keys, axcodes=preset.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=preset.spacing, mode=modes),
         intensity(preset),
-    ]
+    ] + order
 
 
 def pretrain_transforms(preset: Preset, roi: Sequence[int], samples: int = 1) -> Compose:

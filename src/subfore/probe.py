@@ -1,0 +1,281 @@
+"""Did pretraining learn anything? A linear probe on frozen features, always beside a random-init baseline.
+
+The network is frozen; the features its output layer would read (the decoder's last feature map) are computed
+once per volume without gradients; a 1×1×1 convolution (a linear classifier per voxel) is trained on them for a
+fixed number of steps with a fixed seed, on class-balanced voxel samples, and scored by per-class Dice on
+held-out volumes. The same probe runs on a randomly initialised network of the same architecture.
+
+    >>> from subfore.probe import ProbeSettings, probe_encoder
+    >>> probe_encoder("runs/demo/encoder.pt", ProbeSettings(data="data/phantoms/dataset.json"), "runs/demo/probe.json")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose
+from torch import nn
+
+from .config import ProbeSettings
+from .data.datalist import load_datalists
+from .data.dataset import load_item
+from .data.presets import Preset
+from .data.transforms import preprocess
+from .errors import DataError, SubforeError
+from .models import HEAD_PREFIX, build_backbone
+
+ABSENT = "a class absent from a case's ground truth is excluded from that case's Dice and from the means"
+
+
+def _head_module(net: nn.Module, name: str) -> nn.Module:
+    module = net.get_submodule(HEAD_PREFIX[name].rstrip("."))
+    if isinstance(module, (nn.ModuleList, nn.Sequential)) and name.startswith("resenc"):
+        module = module[-1]  # nnU-Net's seg_layers: the full-resolution one is last
+    return module
+
+
+class FeatureExtractor(nn.Module):
+    """(B, C, D, H, W) → (B, F, D, H, W): what the network's output layer reads (its input, via a hook)."""
+
+    def __init__(self, net: nn.Module, name: str) -> None:
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self._seen: torch.Tensor | None = None
+        _head_module(net, name).register_forward_hook(lambda m, args, out: setattr(self, "_seen", args[0]))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.net(x)
+        seen, self._seen = self._seen, None
+        return seen.float()
+
+
+def _remap(label: torch.Tensor, mapping: dict[int, int] | None) -> torch.Tensor:
+    label = label.round().long().clamp_min(0)
+    if not mapping:
+        return label
+    lut = torch.zeros(max(int(label.max()), max(mapping)) + 1, dtype=torch.long)
+    for src, dst in mapping.items():
+        lut[int(src)] = int(dst)
+    return lut[label]
+
+
+def extract(extractor: nn.Module, items: list[dict], preset: Preset, roi, settings: ProbeSettings,
+            device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per volume: (features (N, F) float32 on the CPU, labels (N,) long), computed once without gradients."""
+    transform = Compose(preprocess(preset, ["image", "label"]))
+    out = []
+    for item in items:
+        d = load_item(transform, item)
+        image = torch.as_tensor(d["image"])[None].float().to(device)
+        feats = sliding_window_inference(image, list(roi), settings.sw_batch_size, extractor, overlap=0.25,
+                                         mode="gaussian", sw_device=device, device="cpu")
+        label = _remap(torch.as_tensor(d["label"])[0], settings.label_map)
+        out.append((torch.as_tensor(feats)[0].flatten(1).T.contiguous(), label.flatten()))
+    return out
+
+
+def fit_linear(train: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int,
+               settings: ProbeSettings) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """Train the 1×1×1 head (a linear map per voxel) on standardised features: (head, mean, std)."""
+    x = torch.cat([f for f, _ in train])
+    y = torch.cat([lab for _, lab in train])
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    counts = torch.bincount(y, minlength=n_classes).double()
+    weights = (1.0 / counts.clamp_min(1))[y]  # class-balanced: a small organ is sampled as often as the liver
+    g = torch.Generator().manual_seed(settings.seed)
+    head = nn.Linear(x.shape[1], n_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+        head.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=settings.lr)
+    for _ in range(settings.steps):
+        idx = torch.multinomial(weights, settings.voxels, replacement=True, generator=g)
+        loss = nn.functional.cross_entropy(head(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head, mean, std
+
+
+def score(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor, test: list[tuple[torch.Tensor, torch.Tensor]],
+          n_classes: int) -> list[float]:
+    """Per foreground class, Dice averaged over the test cases whose ground truth has the class (NaN if none)."""
+    sums, counts = torch.zeros(n_classes - 1, dtype=torch.float64), torch.zeros(n_classes - 1, dtype=torch.float64)
+    with torch.no_grad():
+        for feats, label in test:
+            pred = head((feats - mean) / std).argmax(1)
+            for c in range(1, n_classes):
+                g, p = label == c, pred == c
+                if g.any():
+                    sums[c - 1] += 2 * (g & p).sum() / (g.sum() + p.sum())
+                    counts[c - 1] += 1
+    return (sums / counts).tolist()  # 0/0 → NaN: absent from every test case
+
+
+def _summary(dice: list[float], names: list[str]) -> dict[str, Any]:
+    per = {n: (None if math.isnan(v) else round(v, 6)) for n, v in zip(names, dice)}
+    vals = [v for v in per.values() if v is not None]
+    return {"mean_dice": round(sum(vals) / len(vals), 6) if vals else None, "dice": per}
+
+
+class Probe:
+    """The probe's data, read once; ``run(net)`` scores any network of the architecture it was built for."""
+
+    def __init__(self, settings: ProbeSettings, model: dict, in_channels: int, roi, preset: Preset,
+                 device: str | torch.device = "cpu") -> None:
+        self.settings, self.model, self.in_channels, self.roi, self.preset = settings, model, in_channels, roi, preset
+        self.device = torch.device(device)
+        self.train_items = load_datalists(settings.data, settings.split)[: settings.limit]
+        self.test_items = load_datalists(settings.test_data or settings.data, settings.test_split)
+        for item in self.train_items + self.test_items:
+            if "label" not in item:
+                raise DataError(item["image"], "has no label: the probe needs labelled volumes")
+        ids = set(settings.label_map.values()) if settings.label_map else None
+        self.n_classes = (max(ids) + 1) if ids else None
+        self.names = self._names()
+
+    def _names(self) -> list[str] | None:
+        src = self.settings.data if isinstance(self.settings.data, str) else self.settings.data[0]
+        path = Path(src) if str(src).endswith(".json") else Path(src) / "dataset.json"
+        if self.settings.label_map or not path.is_file():
+            return None
+        labels = json.loads(path.read_text()).get("labels") or {}
+        try:
+            return [labels[str(i)] for i in range(1, max(int(k) for k in labels) + 1)]
+        except (KeyError, ValueError):
+            return None
+
+    def network(self, seed: int | None = None) -> nn.Module:
+        """A fresh network of the architecture (seeded: the baseline's random init is fixed too)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        m = self.model
+        keys = ("feature_size", "use_v2", "hidden_size", "mlp_dim", "num_heads", "nnunet_plans", "nnunet_configuration")
+        return build_backbone(m["name"], self.in_channels, self.in_channels, self.roi,
+                              **{k: m[k] for k in keys if k in m})
+
+    def run(self, net: nn.Module) -> dict[str, Any]:
+        """Frozen features of ``net`` → fitted head → {'mean_dice', 'dice': {class: value}} on the test volumes."""
+        extractor = FeatureExtractor(net.to(self.device), self.model["name"])
+        train = extract(extractor, self.train_items, self.preset, self.roi, self.settings, self.device)
+        test = extract(extractor, self.test_items, self.preset, self.roi, self.settings, self.device)
+        n = self.n_classes or int(max(int(lab.max()) for _, lab in train + test)) + 1
+        self.n_classes = n
+        names = self.names if self.names and len(self.names) == n - 1 else [f"class_{i}" for i in range(1, n)]
+        head, mean, std = fit_linear(train, n, self.settings)
+        return _summary(score(head, mean, std, test, n), names)
+
+    def baseline(self) -> dict[str, Any]:
+        return self.run(self.network(seed=self.settings.seed))
+
+
+def load_encoder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(encoder.json, the encoder's state_dict) from RUN_DIR/encoder.pt."""
+    path = Path(path)
+    meta_path = path.with_name("encoder.json")
+    if not path.is_file():
+        raise SubforeError(f"{path}: no such encoder (pretraining writes RUN_DIR/encoder.pt)")
+    if not meta_path.is_file():
+        raise SubforeError(f"{meta_path}: missing; the probe reads the architecture from the encoder.json beside "
+                           f"{path.name}")
+    meta = json.loads(meta_path.read_text())
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SubforeError(f"{path}: not a readable encoder ({type(exc).__name__})") from None
+    return meta, state
+
+
+def probe_encoder(encoder: str | Path, settings: ProbeSettings, out: str | Path, device: str = "cpu") -> dict:
+    """Probe ``encoder`` (with its encoder.json) and the random-init baseline; write probe.json, .md and .png."""
+    meta, state = load_encoder(encoder)
+    preset = Preset.model_validate(meta["preset"])
+    probe = Probe(settings, meta["model"], meta["in_channels"], meta["roi"], preset, device)
+    net = probe.network(seed=settings.seed)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    head = HEAD_PREFIX[meta["model"]["name"]]
+    if unexpected or any(not k.startswith(head) for k in missing):
+        bad = (unexpected or [k for k in missing if not k.startswith(head)])[0]
+        raise SubforeError(f"{encoder}: does not fit the architecture of its encoder.json (e.g. {bad})")
+    pretrained = probe.run(net)
+    baseline = probe.baseline()
+    diff = None if pretrained["mean_dice"] is None or baseline["mean_dice"] is None else \
+        round(pretrained["mean_dice"] - baseline["mean_dice"], 6)
+    result = {
+        "encoder": str(encoder), "step": meta.get("step"), "pretrained": pretrained, "baseline": baseline,
+        "difference": diff, "absent_class_rule": ABSENT,
+        "protocol": {"head": "linear 1x1x1 on the output layer's input features (standardised), frozen network",
+                     "train_volumes": len(probe.train_items), "test_volumes": len(probe.test_items),
+                     **settings.model_dump(mode="json", exclude={"every"})},
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    line = markdown_line(result)
+    out.with_suffix(".md").write_text(line + "\n")
+    plot(result, out.with_suffix(".png"))
+    return result
+
+
+def markdown_line(result: dict) -> str:
+    """One line for a report: pretrained vs random init, with the protocol's size."""
+    p, b, d, proto = result["pretrained"], result["baseline"], result["difference"], result["protocol"]
+    fmt = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    sign = "" if d is None else ("+" if d >= 0 else "−")
+    return (f"linear probe ({proto['steps']} steps, {proto['train_volumes']} train / {proto['test_volumes']} test "
+            f"volumes): mean Dice {fmt(p['mean_dice'])} % pretrained vs {fmt(b['mean_dice'])} % random init "
+            f"({sign}{fmt(abs(d)) if d is not None else '–'} points)")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Per-class Dice bars: pretrained beside the random-init baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(result["pretrained"]["dice"])
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 4))
+    for i, (key, label) in enumerate((("pretrained", "pretrained"), ("baseline", "random init"))):
+        vals = [result[key]["dice"][n] or 0.0 for n in names]
+        ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=f"{label} (mean {result[key]['mean_dice'] or 0:.3f})")
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set_ylabel("linear-probe Dice (frozen network)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curve(metrics: Path, path: Path) -> None:
+    """probe_dice over pretraining steps (RUN_DIR/metrics.jsonl), with the random-init baseline as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in Path(metrics).read_text().splitlines() if x.strip()]
+    pts = [(r["step"], r["probe_dice"]) for r in rows if r.get("probe_dice") is not None]
+    base = next((r["probe_baseline"] for r in rows if r.get("probe_baseline") is not None), None)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="pretrained (frozen)")
+    if base is not None:
+        ax.axhline(base, color="k", ls="--", label="random init")
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("linear-probe mean Dice")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

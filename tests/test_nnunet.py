@@ -1,0 +1,342 @@
+"""nnU-Net v2: ResEnc backbones from nnU-Net's own plans, its preprocessing, and export to its loader.
+
+Plans come from nnU-Net's own fingerprint extractor and ResEnc-M planner, run on coarse phantoms (the planner's
+widths set to 4…16 features so that CPU steps take a fraction of a second; the layout is the planner's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from subfore.config import load_config
+from subfore.errors import ConfigError, SubforeError
+from subfore.phantoms import BTCV_NAMES, PhantomSpec, write_phantoms
+
+BIN = Path(sys.executable).parent
+SUBFORE = str(BIN / "subfore")
+STRATEGIES = [
+    ("random", {}), ("block", {}), ("foreground", {}), ("foreground", {"threshold": "otsu"}),
+    ("anatomask", {}), ("hpm", {}), ("anatomask", {"gate": "foreground"}),
+]
+PLAN = """
+import sys
+from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+    nnUNetPlannerResEncM)
+for name, spacing in (("TinyResEncM", None), ("TinyResEncMCoarse", [8.0, 8.0, 8.0])):
+    p = nnUNetPlannerResEncM(501, plans_name=name, overwrite_target_spacing=spacing)
+    p.UNet_base_num_features, p.UNet_max_features_3d = 4, 16
+    p.plan_experiment()
+"""
+
+
+def run(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def nn(tmp_path_factory) -> dict:
+    """An nnU-Net raw dataset of 2 phantoms at 4 mm, fingerprinted and planned by nnU-Net (2 plans)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    src = root / "phantoms"
+    write_phantoms(src, n=2, seed=0, spec=PhantomSpec(spacing=(4.0, 4.0, 4.0)))
+    raw = root / "raw" / "Dataset501_Phantoms"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    for f in sorted((src / "imagesTr").iterdir()):
+        case = f.name[: -len(".nii.gz")]
+        (raw / "imagesTr" / f"{case}_0000.nii.gz").symlink_to(f)
+        (raw / "labelsTr" / f.name).symlink_to(src / "labelsTr" / f.name)
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {name: i for i, name in BTCV_NAMES.items()}, "numTraining": 2,
+        "file_ending": ".nii.gz"}))
+    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+               nnUNet_results=str(root / "results"))
+    ok(run(BIN / "nnUNetv2_extract_fingerprint", "-d", "501", "-np", "1", env=env))
+    ok(run(sys.executable, "-c", PLAN, env=env))
+    pre = root / "pre" / "Dataset501_Phantoms"
+    return {"root": root, "raw": raw, "plans": pre / "TinyResEncM.json", "coarse": pre / "TinyResEncMCoarse.json",
+            "image": raw / "imagesTr" / "phantom_000_0000.nii.gz"}
+
+
+def pretrain_tree(nn: dict, run_dir: Path, **masking) -> dict:
+    return {
+        "run_dir": str(run_dir), "seed": 0,
+        "data": {"train": str(nn["raw"]), "preset": "nnunet", "roi": [32, 32, 32], "num_workers": 0,
+                 "cache_dir": str(nn["root"] / "cache")},
+        "model": {"name": "resenc", "nnunet_plans": str(nn["plans"])},
+        "masking": {"strategy": "anatomask", **masking},
+        "optim": {"warmup_steps": 1},
+        "train": {"max_steps": 2, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress_bar": False},
+    }
+
+
+def plans_arch(path: Path) -> dict:
+    return json.loads(path.read_text())["configurations"]["3d_fullres"]["architecture"]
+
+
+def nnunet_net(path: Path, channels: int):
+    """The network nnUNetv2_train builds for these plans (nnU-Net's own builder, deep supervision on)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    a = plans_arch(path)
+    return get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"], channels, 14,
+                                  deep_supervision=True)
+
+
+# --- install --------------------------------------------------------------------------------------------
+def test_the_nnunet_extra_leaves_monai_and_subfore_importable():
+    code = """
+import importlib.util, sys
+import monai, monai.networks.nets, subfore, subfore.cli
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+    nnUNetPlannerResEncM)
+from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+if importlib.util.find_spec("torchvision") is not None:
+    import torchvision  # present: it must at least import next to this torch
+print("torchvision" in sys.modules, importlib.util.find_spec("timm") is None)
+"""
+    out = ok(run(sys.executable, "-c", code)).stdout.split()
+    # The extra installs no torchvision (nor timm, which would pull it in).
+    assert out == ["False", "True"]
+
+
+# --- preprocessing ----------------------------------------------------------------------------------------
+def test_nnunet_preset_matches_nnunet_preprocessing_and_its_hu_threshold(nn):
+    from monai.transforms import Compose
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from subfore.data.transforms import preprocess
+    from subfore.pretrain import MaskedImageModel
+
+    cfg = load_config(None, [], base=pretrain_tree(nn, nn["root"] / "unused"))
+    assert cfg.masking.threshold == "-132.5 HU"  # the preset's default, written into the config
+    preset = cfg.data.preset_obj()
+    ours = Compose(preprocess(preset))({"image": str(nn["image"])})["image"]
+    pm = PlansManager(str(nn["plans"]))
+    theirs, _, _ = DefaultPreprocessor(verbose=False).run_case([str(nn["image"])], None, pm,
+                                                               pm.get_configuration("3d_fullres"),
+                                                               str(nn["raw"] / "dataset.json"))
+    # Same axis order (SimpleITK's z, y, x), same spacing, same CTNormalization: the same array.
+    assert tuple(ours.shape) == theirs.shape
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-4)
+    props = json.loads(nn["plans"].read_text())["foreground_intensity_properties_per_channel"]["0"]
+    assert props["percentile_00_5"] < -132.5
+    model = MaskedImageModel(cfg)
+    assert model.threshold == pytest.approx((-132.5 - props["mean"]) / props["std"], rel=1e-6)
+
+
+def test_zscore_normalisation_equals_nnunets_own():
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import ZScoreNormalization
+    from scipy.ndimage import binary_fill_holes
+
+    from subfore.data.presets import ChannelNorm
+    from subfore.data.transforms import NnunetNormalized
+
+    g = np.random.default_rng(0)
+    x = np.zeros((1, 12, 14, 16), np.float32)
+    x[0, 2:10, 3:11, 4:14] = g.normal(300, 40, (8, 8, 10))
+    x[0, 5, 6, 7] = 0.0  # a hole inside the nonzero region is normalised too
+    for use_mask in (False, True):
+        ours = NnunetNormalized("image", [ChannelNorm(scheme="ZScoreNormalization", use_mask=use_mask)])(
+            {"image": torch.from_numpy(x)})["image"].numpy()
+        seg = np.where(binary_fill_holes(x[0] != 0), 0, -1)[None] if use_mask else None
+        norm = ZScoreNormalization(use_mask_for_norm=use_mask, intensityproperties={})
+        theirs = norm.run(x[0].copy(), None if seg is None else seg[0])
+        if use_mask:
+            theirs[seg[0] < 0] = 0  # nnU-Net zeroes the outside afterwards (leaves_pixels_outside_mask_at_zero)
+        np.testing.assert_allclose(ours[0], theirs, atol=1e-5)
+
+
+def test_hu_thresholds_that_cannot_work_under_the_plans_are_refused_in_one_line():
+    from subfore.data.presets import ChannelNorm, Preset
+
+    ct = ChannelNorm(scheme="CTNormalization", mean=100.0, std=50.0, lower=-20.0, upper=250.0)
+    preset = Preset(modality="nnunet", norms=(ct,), axes=(2, 1, 0))
+    with pytest.raises(ConfigError, match=r"clip floor -20 HU"):
+        preset.foreground_threshold(None, -132.5)
+    assert preset.foreground_threshold(None, 50.0)[0] == pytest.approx((50 - 100) / 50)
+    mr = Preset(modality="nnunet", norms=(ChannelNorm(scheme="ZScoreNormalization"),))
+    with pytest.raises(ConfigError, match="ZScoreNormalization"):
+        mr.foreground_threshold(None, -132.5)
+    assert mr.foreground_threshold(-0.5)[0] == -0.5  # z-scores are unbounded: no window check
+
+
+# --- backbones and masking --------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy,extra", STRATEGIES, ids=[f"{s}{'-' + '-'.join(map(str, e.values())) if e else ''}"
+                                                           for s, e in STRATEGIES])
+def test_every_masking_strategy_trains_resenc(nn, strategy, extra):
+    from subfore.pretrain import MaskedImageModel
+
+    tree = pretrain_tree(nn, nn["root"] / "unused", strategy=strategy, **extra)
+    model = MaskedImageModel(load_config(None, [], base=tree))
+    x = (torch.rand(2, 1, 32, 32, 32) * 2 - 1) * torch.linspace(0, 2, 32).view(1, 1, 1, 1, 32)
+    out = model.reconstruct(x, torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["pred"].shape == x.shape and out["mask"].any()
+    seg = model.net.decoder.seg_layers
+    assert seg[-1].weight.shape[0] == 1 + (strategy == "hpm")  # one output per channel (+ HPM's loss channel)
+    # Every trainable tensor got a gradient (DDP-safe); the unused low-resolution heads are frozen.
+    assert all(p.grad is not None for p in model.net.parameters() if p.requires_grad)
+    assert all(not p.requires_grad for layer in seg[:-1] for p in layer.parameters())
+
+
+def test_resenc_l_is_nnssls_network_and_takes_the_teacher_strategies():
+    from subfore.masking import foreground_grid
+    from subfore.models import build_backbone, check_roi
+    from subfore.pretrain import MaskedImageModel
+
+    with pytest.raises(ConfigError, match=r"downsamples by \[32, 32, 32\].*e\.g\. \[64, 64, 64\]"):
+        check_roi("resenc_l", (32, 32, 32))
+    net = build_backbone("resenc_l", 1, 1, (64, 64, 64))
+    stages = net.encoder.stages
+    assert type(net).__name__ == "ResidualEncoderUNet" and len(stages) == 6
+    assert [len(s.blocks) for s in stages] == [1, 3, 4, 6, 6, 6] and net.encoder.output_channels == [32, 64, 128, 256,
+                                                                                                     320, 320]
+    assert [tuple(s) for s in net.encoder.strides] == [(1, 1, 1)] + [(2, 2, 2)] * 5
+    tree = {"data": {"train": "unused", "roi": [64, 64, 64]}, "model": {"name": "resenc_l"},
+            "masking": {"strategy": "hpm", "gate": "foreground"}, "train": {"batch_size": 1}}
+    model = MaskedImageModel(load_config(None, [], base=tree))
+    x = torch.zeros(1, 1, 64, 64, 64)
+    x[..., 16:48, 16:48, 8:56] = 0.6
+    with torch.no_grad():  # forward only: a backward of 100 M parameters at 64³ costs ~10 s on 2 cores
+        out = model.reconstruct(x, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and out["pred"].shape == x.shape
+    assert not (out["mask"] & ~foreground_grid(x, 16, model.threshold)).any()  # the gate: foreground only
+
+
+def test_roi_that_the_strides_do_not_divide_is_one_line(nn, tmp_path):
+    tree = pretrain_tree(nn, tmp_path / "run")
+    tree["data"]["roi"] = [20, 32, 32]
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(json.dumps(tree))
+    line = one_error_line(run(SUBFORE, "pretrain", "--config", cfg))
+    assert "data.roi [20, 32, 32]" in line and "downsamples by [8, 16, 16]" in line and "e.g. [32, 32, 32]" in line
+
+
+# --- pretrain → export → nnU-Net's loader ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pretrained(nn) -> Path:
+    run_dir = nn["root"] / "run"
+    cfg = nn["root"] / "pretrain.yaml"
+    cfg.write_text(json.dumps(pretrain_tree(nn, run_dir, gate="foreground")))
+    ok(run(SUBFORE, "pretrain", "--config", cfg))
+    return run_dir
+
+
+def test_export_loads_with_nnunets_loader_for_one_and_two_channels(nn, pretrained, tmp_path):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    from subfore.nnunet import export_nnunet
+
+    encoder = torch.load(pretrained / "encoder.pt", weights_only=True)
+    assert json.loads((pretrained / "encoder.json").read_text())["nnunet"]["architecture"] == plans_arch(nn["plans"])
+    one = tmp_path / "one.pth"
+    report = ok(run(SUBFORE, "export", "nnunet", pretrained, "--out", one)).stdout
+    assert "loaded back with nnunetv2.run.load_pretrained_weights" in report
+    two = export_nnunet(pretrained, tmp_path / "two.pth", plans=nn["plans"], configuration="3d_fullres",
+                        in_channels=2).path
+    stem = ("encoder.stem.convs.0.conv.weight", "encoder.stem.convs.0.all_modules.0.weight",
+            "decoder.encoder.stem.convs.0.conv.weight", "decoder.encoder.stem.convs.0.all_modules.0.weight")
+    for path, channels in ((one, 1), (two, 2)):
+        saved = torch.load(path, weights_only=True)  # plain tensors and JSON-like metadata only
+        assert saved["subfore"]["pretraining"]["architecture"] == plans_arch(nn["plans"])
+        plan = saved["subfore"]["pretraining"]["plan"]
+        assert plan["plans_name"] == "TinyResEncM" and plan["plan"]["patch_size"] == json.loads(
+            nn["plans"].read_text())["configurations"]["3d_fullres"]["patch_size"]
+        assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in saved["network_weights"].values())
+        net = nnunet_net(nn["plans"], channels)
+        load_pretrained_weights(net, str(path))
+        loaded = {k: v for k, v in net.state_dict().items() if ".seg_layers." not in k}
+        assert set(loaded) == {k for k in encoder if ".seg_layers." not in k}
+        for key, value in loaded.items():
+            want = encoder[key]
+            if key in stem and channels == 2:
+                assert value.shape == (want.shape[0], 2, *want.shape[2:])
+                want = want.repeat(1, 2, 1, 1, 1) / 2  # the 1-channel kernel over 2 channels, divided by 2
+            assert torch.equal(value, want), key
+        # Duplicated names carry identical values.
+        assert torch.equal(loaded["encoder.stem.convs.0.conv.weight"],
+                           loaded["decoder.encoder.stem.convs.0.all_modules.0.weight"])
+
+
+def test_export_without_nnunetv2_runs_the_same_checks(nn, pretrained, tmp_path, monkeypatch):
+    from subfore.nnunet import export_nnunet
+
+    reference = torch.load(ok_export(pretrained, tmp_path / "ref.pth"), weights_only=True)["network_weights"]
+    for name in [m for m in sys.modules if m == "nnunetv2" or m.startswith("nnunetv2.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)  # import nnunetv2 → ImportError
+    report = export_nnunet(pretrained, tmp_path / "alone.pth")
+    assert "nnunetv2 not installed" in report.checked_with
+    alone = torch.load(report.path, weights_only=True)["network_weights"]
+    assert alone.keys() == reference.keys() and all(torch.equal(alone[k], reference[k]) for k in alone)
+
+
+def ok_export(run_dir: Path, out: Path) -> Path:
+    from subfore.nnunet import export_nnunet
+
+    return export_nnunet(run_dir, out).path
+
+
+def test_a_plan_with_another_stage_count_is_refused_in_one_line(nn, pretrained, tmp_path):
+    assert len(plans_arch(nn["coarse"])["arch_kwargs"]["features_per_stage"]) != len(
+        plans_arch(nn["plans"])["arch_kwargs"]["features_per_stage"])
+    line = one_error_line(run(SUBFORE, "export", "nnunet", pretrained, "--out", tmp_path / "x.pth", "--plans",
+                              nn["coarse"]))
+    assert str(nn["coarse"]) in line and "first mismatch" in line and "in the plans" in line and "pretrained" in line
+    assert not (tmp_path / "x.pth").exists()
+    with pytest.raises(SubforeError, match="only a 1-channel stem"):
+        from subfore.nnunet import match_weights
+
+        w = {"encoder.stem.convs.0.conv.weight": torch.zeros(4, 2, 3, 3, 3)}
+        match_weights(w, {"encoder.stem.convs.0.conv.weight": torch.zeros(4, 3, 3, 3, 3)},
+                      ("encoder.stem.convs.0.conv",), 2, 3, "plans", "run")
+
+
+# --- the MONAI route --------------------------------------------------------------------------------------
+def test_finetune_evaluate_predict_take_resenc(nn, pretrained, tmp_path):
+    from subfore.evaluate import evaluate, predict
+    from subfore.finetune import FinetuneConfig, finetune
+
+    tree = {
+        "run_dir": str(tmp_path / "ft"),
+        "data": {"train": str(nn["raw"]), "preset": "nnunet", "roi": [32, 32, 32], "samples_per_volume": 1,
+                 "cache_dir": str(nn["root"] / "cache"), "num_workers": 0},
+        "model": {"name": "resenc", "nnunet_plans": str(nn["plans"]), "out_channels": 14},
+        "train": {"max_steps": 2, "batch_size": 2, "ckpt_every": 2, "log_every": 1, "progress_bar": False},
+    }
+    best = finetune(load_config(None, [], FinetuneConfig, base=tree), pretrained=pretrained / "encoder.pt")
+    first = (tmp_path / "ft" / "pretrained_load.txt").read_text().splitlines()[0]
+    # Everything but the 4 seg_layers (weight and bias each) loads: encoder and decoder.
+    assert re.search(r"\((\d+)/\1 of the encoder\), 8 missing, 0 unexpected, 0 shape-mismatched", first), first
+    result = evaluate(best, str(nn["raw"]), tmp_path / "m.json", split="training")
+    assert len(result["cases"]) == 2
+    written = predict(best, [str(nn["image"])], tmp_path / "pred")
+    src, seg = nib.load(nn["image"]), nib.load(written[0])
+    # The nnU-Net axis order is undone: labels land on the input's own grid.
+    assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
