@@ -104,8 +104,16 @@ def probe(
     """Linear probe of a frozen pretrained network vs the same network at random init (per-class Dice)."""
     from .probe import ProbeSettings, markdown_line, probe_encoder
 
-    settings = ProbeSettings(data=data if len(data) > 1 else data[0], split=split, test_split=test_split,
-                             label_map=_label_map(label_map), steps=steps, seed=seed)
+    from pydantic import ValidationError
+
+    from .errors import SubforeError
+
+    try:
+        settings = ProbeSettings(data=data if len(data) > 1 else data[0], split=split, test_split=test_split,
+                                 label_map=_label_map(label_map), steps=steps, seed=seed)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise SubforeError(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})") from None
     result = probe_encoder(encoder, settings, out, _device(device))
     typer.echo(f"{markdown_line(result)} → {out}")
 
