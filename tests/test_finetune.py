@@ -190,7 +190,7 @@ def test_partial_loads_are_refused_and_output_heads_never_load(tmp_path):
     assert "skipped, the pretraining's output head (never loaded): final_conv.weight, final_conv.bias" in str(report)
     # One encoder tensor of many: refused in one line, unless the user lowers the share.
     torch.save({"conv_0.conv_0.conv.weight": hpm["conv_0.conv_0.conv.weight"]}, tmp_path / "one.pt")
-    total = sum(k.startswith("conv_0.") for k in net.state_dict())
+    total = sum(k.startswith(("conv_0.", "down_1.", "down_2.", "down_3.", "down_4.")) for k in net.state_dict())
     with pytest.raises(SubforeError) as err:
         load_pretrained(make(3), tmp_path / "one.pt", "basicunet")
     assert str(err.value).startswith(f"{tmp_path / 'one.pt'}: only 1 of the {total} encoder tensors of this basicunet "
@@ -361,6 +361,16 @@ def test_brats_convention_comes_from_dataset_json_names(tmp_path):
     assert resolve_convention("brats", [str(tmp_path / "none.json")]) == "brats"
     with pytest.raises(DataError, match="none.json: names no BraTS labels; set data.brats_labels"):
         resolve_convention(None, [str(tmp_path / "none.json")])
+    (tmp_path / "abbr.json").write_text(json.dumps({"labels": {"0": "background", "1": "NCR/NET", "2": "ED", "4": "ET"}}))
+    assert resolve_convention(None, [str(tmp_path / "abbr.json")]) == "brats"
+
+
+def test_label_ids_outside_the_brats_convention_are_refused():
+    from subfore.data.brats import BratsRegionsd
+
+    lab = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(1, 4, 1, 1)  # BraTS 2023: ET = 3, not 4
+    with pytest.raises(DataError, match=r"label ids \[3\] are not in the 'brats' BraTS convention \(\[1, 2, 4\]\)"):
+        BratsRegionsd("label", "brats")({"label": lab})
 
 
 @pytest.mark.parametrize("convention", ["msd", "brats"])
@@ -397,9 +407,7 @@ def test_brats_regions_on_four_channel_mri_from_ct_pretraining(phantom_dir, tmp_
     result = evaluate(best, tmp_path / "brats.json", tmp_path / "m.json")
     assert result["classes"] == ["TC", "WT", "ET"] and set(result["mean"]["dice"]) == {"TC", "WT", "ET"}
     # A perfect prediction scores 1 on all three regions: each is present and built from this convention's ids.
-    from subfore.evaluate import case_metrics
     from subfore.data.brats import to_regions
 
-    regions = to_regions(torch.as_tensor(lab[None]).long(), convention)[None]
-    assert regions.flatten(2).sum(2)[0].tolist() == [6 ** 3, 12 ** 3, 2 ** 3]
-    assert case_metrics(regions, regions, 3, (1.0, 1.0, 1.0), regions=True)["dice"] == [1.0, 1.0, 1.0]
+    regions = to_regions(torch.as_tensor(lab[None]).long(), convention)
+    assert regions.flatten(1).sum(1).tolist() == [6 ** 3, 12 ** 3, 2 ** 3]  # TC, WT, ET by construction

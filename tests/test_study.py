@@ -60,6 +60,7 @@ def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, 
     assert all(r["checkpoint"] == "best.ckpt" for r in results["runs"])
     # The probe read-out: scratch probes its random init, the pretrained arm its encoder; both in results.md.
     assert all(set(r["probe"]["dice"]) == {"class_1", "class_2"} for r in results["runs"])
+    assert results["runs"][0]["probe"] != results["runs"][1]["probe"]  # the pretrained encoder, not a random init
     assert "## Linear probe" in (out / "results.md").read_text()
     assert [(r["arm"], r["seed"]) for r in results["runs"]] == [("scratch", 0), ("foreground", 0)]
     run = results["runs"][1]
@@ -119,6 +120,15 @@ def test_check_refuses_a_test_case_that_trains_or_selects(phantom_dir, tmp_path)
     # A training case, as a test image.
     tree["study"]["test"] = [{"name": "leak", "image": image("training", 0), "label": label("training", 0)}]
     assert "is also a finetuning training case" in _check(tree, tmp_path).stderr
+    # ... also when another finetuning datalist does not exist yet (its split of roles is then unknown).
+    tree["study"]["finetune_train"]["data"] = [str(phantom_dir / "dataset.json"), "/nowhere/more.json"]
+    for i in (0, 2):
+        tree["study"]["test"] = [{"name": "leak", "image": image("training", i), "label": label("training", i)}]
+        assert "error: study.test 'leak': case phantom_00" in _check(tree, tmp_path).stderr
+    # A test set must say what it scores.
+    tree = micro(phantom_dir, tmp_path)
+    tree["study"]["test"] = [{"name": "empty"}]
+    assert "test 'empty': give either data (a labelled datalist) or image with label" in _check(tree, tmp_path).stderr
     # The paper configs' old mistake, with placeholder paths: the scored split is the validation split.
     tree = micro(phantom_dir, tmp_path)
     tree["study"].update(finetune_train={"data": "/nowhere/BTCV/dataset.json"},

@@ -158,6 +158,10 @@ def test_real_teacher_scores_choose_the_hard_cells(phantom_dir, tmp_path, monkey
     if strategy == "anatomask":  # a teacher that outputs 0: its error in a cell is that cell's mean |x|
         for p in module.teacher.parameters():
             p.data.zero_()
+    else:  # a teacher that is not the student, so scores from the wrong network cannot pass
+        with torch.no_grad():
+            for p in module.teacher.parameters():
+                p.add_(torch.randn(p.shape, generator=gen()) * 0.5)
     seen, original = {}, teacher_mod.compose_mask
     monkeypatch.setattr(teacher_mod, "compose_mask",
                         lambda scores, cand, *a, **k: seen.update(scores=scores) or seen.setdefault(
@@ -176,6 +180,7 @@ def test_real_teacher_scores_choose_the_hard_cells(phantom_dir, tmp_path, monkey
     else:
         expected = module.per_subvolume(module.teacher(x)[:, 1:])
         assert torch.allclose(scores, expected)
+        assert not torch.allclose(scores, module.per_subvolume(module.net(x)[:, 1:]), atol=1e-3)
     k = 38
     assert mask.flatten(1).sum(1).tolist() == [k, k] and hard.flatten(1).sum(1).tolist() == [19, 19]
     for b in range(2):  # the hard cells are the teacher's 19 highest scores

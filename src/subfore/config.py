@@ -172,7 +172,8 @@ class ProbeSettings(Strict):
     label_map: dict[int, int] | None = Field(None, description="{src: dst}; unlisted ids become background")
     limit: int | None = Field(None, ge=1, description="train the head on the first N volumes only")
     steps: int = Field(300, ge=1, description="optimiser steps of the linear head")
-    voxels: int = Field(4096, ge=16, description="class-balanced voxels per step")
+    voxels: int = Field(4096, ge=16, description="class-balanced voxels per step, and the most kept per class "
+                        "of each training volume")
     lr: float = Field(0.05, gt=0)
     seed: int = 0
     sw_batch_size: int = Field(4, ge=1)

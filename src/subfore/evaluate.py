@@ -25,7 +25,7 @@ from .finetune import eval_transforms, label_transforms, load_finetuned, predict
 ABSENT_RULE = ("a class absent from a case's ground truth is excluded from that case's Dice and NSD and from their "
                "means (reported as null), not counted as 0 or 1")
 HD95_RULE = ("HD95 of a class the prediction misses, or predicts where the ground truth has none, is the image "
-             "diagonal in mm (as the MSD and BraTS evaluations); absent from both: excluded (null)")
+             "diagonal in mm (the BraTS evaluation's rule); absent from both: excluded (null)")
 GRIDS = ("label", "resampled")
 
 
@@ -127,7 +127,7 @@ def evaluate(
             spacing = tuple(float(v) for v in np.sqrt((np.asarray(own.affine)[:3, :3] ** 2).sum(0)))
             if pred.shape[2:] != label.shape[2:]:
                 raise DataError(item["label"], f"label grid {tuple(label.shape[2:])} differs from its image's "
-                                               f"{tuple(pred.shape[2:])}; score with grid='resampled'")
+                                               f"{tuple(pred.shape[2:])}; score with --grid resampled")
         m = case_metrics(pred, label, cfg.model.out_channels, spacing, tolerance_mm, hd95, cfg.sigmoid)
         cases.append({"case": case_id(item), "image": str(item["image"]), "spacing_mm": [round(v, 4) for v in spacing],
                       **{k: {c: _clean(v) for c, v in zip(scored, vals)} for k, vals in m.items()}})

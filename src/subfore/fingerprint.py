@@ -43,7 +43,10 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
     try:  # λ exactly as pretraining resolves it (HU through the preset's normalisation)
         threshold, _ = preset.foreground_threshold(thr.get("threshold"), thr.get("threshold_hu"))
     except ValueError as exc:
-        raise SubforeError(f"masking.threshold: {exc}") from None
+        raise SubforeError(f"masking.threshold {mk.threshold!r}: {exc}") from None
+    # Only as many volumes as there are crops to draw: a datalist of 10k CTs is not read whole for 64 crops.
+    g = torch.Generator().manual_seed(seed)
+    items = [items[i] for i in torch.randperm(len(items), generator=g)[:crops].tolist()]
     per_volume = max(1, math.ceil(crops / len(items)))
     transform = pretrain_transforms(preset, d.roi, per_volume)
     set_determinism(seed)  # the crops' positions are part of the fingerprint: same seed, same crops

@@ -16,7 +16,8 @@ from .errors import ConfigError
 HEAD_PREFIX = {"swinunetr": "out.", "unetr": "out.", "basicunet": "final_conv.",
                "resenc": "decoder.seg_layers.", "resenc_l": "decoder.seg_layers."}
 # The encoder of each family: the part a pretrained checkpoint must fill.
-ENCODER_PREFIX = {"swinunetr": "swinViT.", "unetr": "vit.", "basicunet": "conv_0.", "resenc": "encoder.",
+ENCODER_PREFIX = {"swinunetr": "swinViT.", "unetr": "vit.",
+                  "basicunet": ("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."), "resenc": "encoder.",
                   "resenc_l": "encoder."}
 
 

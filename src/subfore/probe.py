@@ -65,19 +65,26 @@ def _remap(label: torch.Tensor, mapping: dict[int, int] | None) -> torch.Tensor:
     return lut[label]
 
 
-def extract(extractor: nn.Module, items: list[dict], preset: Preset, roi, settings: ProbeSettings,
-            device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per volume: (features (N, F) float32 on the CPU, labels (N,) long), computed once without gradients."""
-    transform = Compose(preprocess(preset, ["image", "label"]))
-    out = []
-    for item in items:
-        d = load_item(transform, item)
-        image = torch.as_tensor(d["image"])[None].float().to(device)
-        feats = sliding_window_inference(image, list(roi), settings.sw_batch_size, extractor, overlap=0.25,
-                                         mode="gaussian", sw_device=device, device="cpu")
-        label = _remap(torch.as_tensor(d["label"])[0], settings.label_map)
-        out.append((torch.as_tensor(feats)[0].flatten(1).T.contiguous(), label.flatten()))
-    return out
+def extract(extractor: nn.Module, item: dict, preset: Preset, roi, settings: ProbeSettings,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One volume: (features (N, F) float32 on the CPU, labels (N,) long), computed without gradients."""
+    d = load_item(Compose(preprocess(preset, ["image", "label"])), item)
+    image = torch.as_tensor(d["image"])[None].float().to(device)
+    feats = sliding_window_inference(image, list(roi), settings.sw_batch_size, extractor, overlap=0.25,
+                                     mode="gaussian", sw_device=device, device="cpu")
+    label = _remap(torch.as_tensor(d["label"])[0], settings.label_map)
+    return torch.as_tensor(feats)[0].flatten(1).T.contiguous(), label.flatten()
+
+
+def subsample(feats: torch.Tensor, label: torch.Tensor, per_class: int, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``per_class`` random voxels of each class: the head's training pool stays small on any volume."""
+    keep = []
+    for c in torch.unique(label):
+        idx = torch.nonzero(label == c).flatten()
+        keep.append(idx[torch.randperm(idx.numel(), generator=generator)[:per_class]])
+    keep = torch.cat(keep)
+    return feats[keep], label[keep]
 
 
 def fit_linear(train: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int,
@@ -104,19 +111,14 @@ def fit_linear(train: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int,
     return head, mean, std
 
 
-def score(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor, test: list[tuple[torch.Tensor, torch.Tensor]],
-          n_classes: int) -> list[float]:
-    """Per foreground class, Dice averaged over the test cases whose ground truth has the class (NaN if none)."""
-    sums, counts = torch.zeros(n_classes - 1, dtype=torch.float64), torch.zeros(n_classes - 1, dtype=torch.float64)
-    with torch.no_grad():
-        for feats, label in test:
-            pred = head((feats - mean) / std).argmax(1)
-            for c in range(1, n_classes):
-                g, p = label == c, pred == c
-                if g.any():
-                    sums[c - 1] += 2 * (g & p).sum() / (g.sum() + p.sum())
-                    counts[c - 1] += 1
-    return (sums / counts).tolist()  # 0/0 → NaN: absent from every test case
+def dice_counts(pred: torch.Tensor, label: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(classes 1…K-1, [Dice, present]) for one volume; Dice 0 where the class is absent (then present = 0)."""
+    out = torch.zeros(n_classes - 1, 2, dtype=torch.float64)
+    for c in range(1, n_classes):
+        g, p = label == c, pred == c
+        if g.any():
+            out[c - 1] = torch.tensor([float(2 * (g & p).sum() / (g.sum() + p.sum())), 1.0])
+    return out
 
 
 def _summary(dice: list[float], names: list[str]) -> dict[str, Any]:
@@ -162,15 +164,25 @@ class Probe:
                               **{k: m[k] for k in keys if k in m})
 
     def run(self, net: nn.Module) -> dict[str, Any]:
-        """Frozen features of ``net`` → fitted head → {'mean_dice', 'dice': {class: value}} on the test volumes."""
+        """Frozen features of ``net`` → fitted head → {'mean_dice', 'dice': {class: value}} on the test volumes.
+
+        Training volumes contribute at most ``voxels`` per class each; test volumes are scored one at a time, so
+        memory holds one volume's features.
+        """
         extractor = FeatureExtractor(net.to(self.device), self.model["name"])
-        train = extract(extractor, self.train_items, self.preset, self.roi, self.settings, self.device)
-        test = extract(extractor, self.test_items, self.preset, self.roi, self.settings, self.device)
-        n = self.n_classes or int(max(int(lab.max()) for _, lab in train + test)) + 1
-        self.n_classes = n
-        names = self.names if self.names and len(self.names) == n - 1 else [f"class_{i}" for i in range(1, n)]
+        g = torch.Generator().manual_seed(self.settings.seed)
+        train = [subsample(*extract(extractor, item, self.preset, self.roi, self.settings, self.device),
+                           self.settings.voxels, g) for item in self.train_items]
+        n = self.n_classes or int(max(int(lab.max()) for _, lab in train)) + 1
         head, mean, std = fit_linear(train, n, self.settings)
-        return _summary(score(head, mean, std, test, n), names)
+        total = torch.zeros(n - 1, 2, dtype=torch.float64)
+        for item in self.test_items:
+            feats, label = extract(extractor, item, self.preset, self.roi, self.settings, self.device)
+            with torch.no_grad():
+                pred = head((feats - mean) / std).argmax(1)
+            total += dice_counts(pred, label, n)
+        names = self.names if self.names and len(self.names) == n - 1 else [f"class_{i}" for i in range(1, n)]
+        return _summary((total[:, 0] / total[:, 1]).tolist(), names)  # 0/0 → NaN: absent from every test case
 
     def baseline(self) -> dict[str, Any]:
         return self.run(self.network(seed=self.settings.seed))
@@ -185,7 +197,12 @@ def load_encoder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not meta_path.is_file():
         raise SubforeError(f"{meta_path}: missing; the probe reads the architecture from the encoder.json beside "
                            f"{path.name}")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        meta["model"]["name"], meta["in_channels"], meta["roi"], meta["preset"]  # noqa: B018 - what the probe reads
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SubforeError(f"{meta_path}: not an encoder.json written by subfore pretrain "
+                           f"({type(exc).__name__}: {exc})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001

@@ -22,7 +22,8 @@ from pydantic import Field, field_validator, model_validator
 from .config import PretrainConfig, Strict, load_config, set_dotted
 from .engine import device_for
 from .data.datalist import case_id, load_datalists
-from .errors import ConfigError
+from .errors import ConfigError, SubforeError
+from .models import HEAD_PREFIX
 from .finetune import FinetuneConfig, finetune_cases
 from .masking import REGISTRY
 from .probe import ProbeSettings
@@ -43,6 +44,14 @@ class TestSet(Strict):
     split: str = "validation"
     label_map: dict[int, int] | None = Field(None, description="this set's ids → the finetuned model's ids")
     optional: bool = Field(False, description="skip (with a note) when the data is absent, e.g. ../shared/data")
+
+    @model_validator(mode="after")
+    def _source(self) -> "TestSet":
+        if (self.data is None) == (self.image is None):
+            raise ValueError(f"test '{self.name}': give either data (a labelled datalist) or image with label")
+        if self.image is not None and self.label is None:
+            raise ValueError(f"test '{self.name}': image needs its label")
+        return self
 
 
 class FinetuneTrain(Strict):
@@ -208,14 +217,18 @@ def check_protocol(cfg: StudyConfig) -> dict:
     d = fcfg.data
     train_src = d.train
     roles: dict[str, tuple[dict[str, str], set[str]]] = {}
-    ft_texts = {_text_key(x, d.train_split) for x in ([train_src] if isinstance(train_src, str) else train_src)}
-    if all(Path(x).expanduser().exists() for x in ([train_src] if isinstance(train_src, str) else train_src)):
+    sources = [train_src] if isinstance(train_src, str) else list(train_src)
+    ft_texts = {_text_key(x, d.train_split) for x in sources}
+    if all(Path(x).expanduser().exists() for x in sources):
         train_items, val_items = finetune_cases(fcfg)
         roles["finetuning training"] = ({_file_key(i): case_id(i) for i in train_items}, ft_texts)
         val_files = {_file_key(i): case_id(i) for i in (val_items or [])}
     else:
-        roles["finetuning training"] = ({}, ft_texts)
-        val_files = {}
+        # Which cases train and which are held out is unknown until every datalist exists: every case of the
+        # ones that do exist counts as both, so a leak is never missed.
+        files, _ = _cases(sources, d.train_split)
+        roles["finetuning training"] = (files, ft_texts)
+        val_files = dict(files)
     if d.holdout:
         roles["finetuning validation"] = (val_files, ft_texts)
     elif d.val:
@@ -333,13 +346,18 @@ def probe_arm(cfg: StudyConfig, arm: str, seed: int) -> dict:
     from .probe import Probe
 
     st = cfg.study
-    pcfg = load_config(None, [], PretrainConfig, base=_tree(cfg.pretrain, {"data.train": "unused"}))
+    over = dict(next((o for a, o in expand_arms(cfg) if a == arm), None) or {})
+    pcfg = load_config(None, [], PretrainConfig, base=_tree(cfg.pretrain, {**over, "data.train": "unused"}))
     probe = Probe(st.probe, pcfg.model.model_dump(mode="json"), pcfg.data.channels, pcfg.data.roi,
                   pcfg.data.preset_obj(), device(pcfg.train.accelerator))
     net = probe.network(seed=seed)
     encoder = Path(st.study_dir) / arm / f"seed{seed}" / "pretrain" / "encoder.pt"
     if parse_arm(arm) is not None:
-        net.load_state_dict(torch.load(encoder, map_location="cpu", weights_only=True), strict=False)
+        missing, unexpected = net.load_state_dict(torch.load(encoder, map_location="cpu", weights_only=True),
+                                                  strict=False)
+        head = HEAD_PREFIX[pcfg.model.name]
+        if unexpected or any(not k.startswith(head) for k in missing):
+            raise SubforeError(f"{encoder}: does not fit the arm's network (e.g. {(unexpected or missing)[0]})")
     return probe.run(net)
 
 

@@ -152,7 +152,8 @@ def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_chan
     if report.encoder_loaded == 0:
         sample = ", ".join(list(source)[:3])
         raise SubforeError(
-            f"{path}: no encoder key matched a {family} network (expected keys starting '{enc}', the file has "
+            f"{path}: no encoder key matched a {family} network (expected keys starting "
+            f"'{enc if isinstance(enc, str) else enc[0]}', the file has "
             f"e.g. {sample}); is it a checkpoint of another architecture?"
         )
     if report.mismatched:

@@ -10,6 +10,7 @@ Regions, as the BraTS evaluation defines them: TC = NCR/NET ∪ ET, WT = every t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -56,9 +57,17 @@ class BratsRegionsd(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
+        allowed = {0, *CONVENTIONS[self.convention]}
         for key in self.key_iterator(d):
             lab = d[key]
-            out = to_regions(torch.as_tensor(lab).round().long(), self.convention)
+            ids = torch.as_tensor(lab).round().long()
+            stray = sorted(set(torch.unique(ids).tolist()) - allowed)
+            if stray:  # e.g. BraTS 2023's ET = 3 read as the 'brats' convention: ET would silently be empty
+                from .transforms import source_name
+
+                raise DataError(source_name(d, key), f"label ids {stray} are not in the '{self.convention}' BraTS "
+                                                     f"convention ({sorted(allowed - {0})}); set data.brats_labels")
+            out = to_regions(ids, self.convention)
             d[key] = MetaTensor(out, meta=lab.meta, applied_operations=lab.applied_operations) \
                 if isinstance(lab, MetaTensor) else out
         return d
@@ -76,11 +85,21 @@ def _label_names(meta: dict) -> dict[int, str]:
     return out
 
 
+def _words(name: str) -> set[str]:
+    return set(re.split(r"[^a-z]+", name.lower())) - {""}
+
+
 def convention_from_names(names: dict[int, str]) -> str | None:
-    """The convention whose ids carry these names, or None when the names say nothing about tumour classes."""
-    edema = [i for i, n in names.items() if "edema" in n or "oedema" in n]
-    enhancing = [i for i, n in names.items() if "enhanc" in n and "non" not in n]
-    core = [i for i, n in names.items() if "necro" in n or "non-enhanc" in n or "non enhanc" in n or "ncr" in n]
+    """The convention whose ids carry these names, or None when the names say nothing about tumour classes.
+
+    Understands full names (edema, non-enhancing tumour, necrotic core, enhancing tumour) and the BraTS
+    abbreviations (ED, NET, NCR, NCR/NET, ET).
+    """
+    edema = [i for i, n in names.items() if "edema" in n or "oedema" in n or "ed" in _words(n)]
+    enhancing = [i for i, n in names.items()
+                 if ("enhanc" in n and "non" not in n) or "et" in _words(n) or "gd" in _words(n)]
+    core = [i for i, n in names.items() if i not in enhancing and i not in edema and (
+        "necro" in n or "non-enhanc" in n or "non enhanc" in n or {"ncr", "net"} & _words(n))]
     if not (edema or enhancing or core):
         return None
     for name, (c, e, et) in CONVENTIONS.items():
@@ -99,7 +118,7 @@ def dataset_json(source: str | Path) -> Path | None:
     return None
 
 
-def convention_of(sources: str | list[str]) -> tuple[str, Path] | None:
+def convention_of(sources: str | list[str], lenient: bool = False) -> tuple[str, Path] | None:
     """(convention, dataset.json) from the label names of the sources' dataset.json files; None when none names any.
 
     Raises DataError naming the file when names match no convention or two sources disagree.
@@ -116,6 +135,8 @@ def convention_of(sources: str | list[str]) -> tuple[str, Path] | None:
         conv = convention_from_names(names)
         if conv is None:
             continue
+        if conv == "unknown" and lenient:
+            continue  # names this module cannot read: the configured convention decides
         if conv == "unknown":
             shown = ", ".join(f"{i} {n}" for i, n in sorted(names.items()) if i)
             raise DataError(path, f"labels ({shown}) match neither BraTS convention: msd (1 edema, 2 non-enhancing, "
@@ -131,7 +152,7 @@ def resolve_convention(configured: str | None, sources: str | list[str]) -> str:
 
     Raises DataError (one line, naming the file) when names and config disagree, or when neither says.
     """
-    found = convention_of(sources)
+    found = convention_of(sources, lenient=configured is not None)
     if found and configured and found[0] != configured:
         raise DataError(found[1], f"labels follow the '{found[0]}' convention but data.brats_labels is '{configured}'")
     if found:
