@@ -29,6 +29,8 @@ from .data.transforms import preprocess
 from .errors import DataError, SubforeError
 from .models import HEAD_PREFIX, build_backbone
 
+# Bumped whenever the probe's protocol changes its numbers; a study recomputes probes of another version.
+PROBE_VERSION = 2
 ABSENT = "a class absent from a case's ground truth is excluded from that case's Dice and from the means"
 
 

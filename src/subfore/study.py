@@ -332,6 +332,12 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
     return result
 
 
+def _stale_probe(result: dict) -> bool:
+    from .probe import PROBE_VERSION
+
+    return (result.get("probe") or {}).get("version") != PROBE_VERSION
+
+
 def _write_result(run: Path, result: dict) -> None:
     tmp = run / ".result.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
@@ -343,7 +349,7 @@ def probe_arm(cfg: StudyConfig, arm: str, seed: int) -> dict:
     import torch
 
     from .engine import device_for as device  # the probe runs where pretraining ran
-    from .probe import Probe
+    from .probe import PROBE_VERSION, Probe
 
     st = cfg.study
     over = dict(next((o for a, o in expand_arms(cfg) if a == arm), None) or {})
@@ -358,7 +364,7 @@ def probe_arm(cfg: StudyConfig, arm: str, seed: int) -> dict:
         head = HEAD_PREFIX[pcfg.model.name]
         if unexpected or any(not k.startswith(head) for k in missing):
             raise SubforeError(f"{encoder}: does not fit the arm's network (e.g. {(unexpected or missing)[0]})")
-    return probe.run(net)
+    return {**probe.run(net), "version": PROBE_VERSION}
 
 
 def _curve(path: Path, key: str) -> list[list[float]]:
@@ -392,7 +398,7 @@ def study(cfg: StudyConfig) -> Path:
             if marker.exists():
                 log.warning("skipping finished %s seed %d", arm, seed)
                 done = json.loads(marker.read_text())
-                if st.probe is not None and "probe" not in done:  # finished before the probe was configured
+                if st.probe is not None and _stale_probe(done):  # finished before this probe was configured
                     done["probe"] = probe_arm(cfg, arm, seed)
                     _write_result(marker.parent, done)
                 results.append(done)
