@@ -103,8 +103,8 @@ def test_shuffled_encoder_scores_at_or_below_random_init(longer, tmp_path):
         out[name] = json.loads((tmp_path / f"{name}.json").read_text())
     base = out["pretrained"]["baseline"]["mean_dice"]
     assert out["shuffled"]["baseline"]["mean_dice"] == base  # the same random init, the same protocol
-    # Random inits of this network probe within ≈ 0.02 of each other here (seeds 0, 1, 2: 0.172, 0.167, 0.182;
-    # docs/probe.md); a shuffled encoder lands in that band, the pretrained one clearly above it (0.235 vs 0.172).
+    # Random inits of this network probe within ≈ 0.03 of each other here (seeds 0, 1, 2: 0.179, 0.164, 0.190;
+    # docs/probe.md); a shuffled encoder lands in that band, the pretrained one clearly above it (0.244 vs 0.179).
     assert out["shuffled"]["pretrained"]["mean_dice"] <= base + 0.02, out["shuffled"]
     assert out["pretrained"]["pretrained"]["mean_dice"] >= base + 0.04, out["pretrained"]
 
