@@ -35,19 +35,11 @@ nnUNetPlannerResEncM(502).plan_experiment()
 
 def plan_resenc_m(root: Path) -> Path:
     """nnU-Net's ResEnc-M plans for two phantoms at 1.5 mm (fingerprint + nnUNetPlannerResEncM)."""
-    from subfore.phantoms import BTCV_NAMES, PhantomSpec, write_phantoms
+    from subfore.phantoms import PhantomSpec, write_nnunet_raw, write_phantoms
 
     src = root / "phantoms"
     write_phantoms(src, n=2, seed=0, spec=PhantomSpec(spacing=(1.5, 1.5, 1.5)))
-    raw = root / "raw" / "Dataset502_Phantoms"
-    (raw / "imagesTr").mkdir(parents=True)
-    (raw / "labelsTr").mkdir()
-    for f in sorted((src / "imagesTr").iterdir()):
-        (raw / "imagesTr" / f.name.replace(".nii.gz", "_0000.nii.gz")).symlink_to(f)
-        (raw / "labelsTr" / f.name).symlink_to(src / "labelsTr" / f.name)
-    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 2,
-                                                  "labels": {n: i for i, n in BTCV_NAMES.items()},
-                                                  "file_ending": ".nii.gz"}))
+    write_nnunet_raw(src, root / "raw" / "Dataset502_Phantoms")
     env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
                nnUNet_results=str(root / "results"))
     bin_dir = Path(sys.executable).parent

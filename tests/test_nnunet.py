@@ -20,7 +20,7 @@ import torch
 
 from subfore.config import load_config
 from subfore.errors import ConfigError, SubforeError
-from subfore.phantoms import BTCV_NAMES, PhantomSpec, write_phantoms
+from subfore.phantoms import PhantomSpec, write_nnunet_raw, write_phantoms
 
 BIN = Path(sys.executable).parent
 SUBFORE = str(BIN / "subfore")
@@ -61,16 +61,7 @@ def nn(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("nnunet")
     src = root / "phantoms"
     write_phantoms(src, n=2, seed=0, spec=PhantomSpec(spacing=(4.0, 4.0, 4.0)))
-    raw = root / "raw" / "Dataset501_Phantoms"
-    (raw / "imagesTr").mkdir(parents=True)
-    (raw / "labelsTr").mkdir()
-    for f in sorted((src / "imagesTr").iterdir()):
-        case = f.name[: -len(".nii.gz")]
-        (raw / "imagesTr" / f"{case}_0000.nii.gz").symlink_to(f)
-        (raw / "labelsTr" / f.name).symlink_to(src / "labelsTr" / f.name)
-    (raw / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": {name: i for i, name in BTCV_NAMES.items()}, "numTraining": 2,
-        "file_ending": ".nii.gz"}))
+    raw = write_nnunet_raw(src, root / "raw" / "Dataset501_Phantoms")
     env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
                nnUNet_results=str(root / "results"))
     ok(run(BIN / "nnUNetv2_extract_fingerprint", "-d", "501", "-np", "1", env=env))

@@ -215,3 +215,23 @@ def write_phantoms(out_dir: str | Path, n: int = 8, seed: int = 0, spec: Phantom
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(path)
     return path
+
+
+def write_nnunet_raw(phantom_dir: str | Path, raw_dir: str | Path) -> Path:
+    """Expose the phantoms of ``phantom_dir`` (written by :func:`write_phantoms`) as an nnU-Net v2 raw dataset.
+
+    ``raw_dir`` is ``$nnUNet_raw/DatasetXXX_Name``: imagesTr/CASE_0000.nii.gz and labelsTr/CASE.nii.gz are symlinks
+    to the phantoms, and dataset.json names the channel and the BTCV labels. Returns ``raw_dir``.
+    """
+    src, raw = Path(phantom_dir), Path(raw_dir)
+    (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (raw / "labelsTr").mkdir(exist_ok=True)
+    images = sorted((src / "imagesTr").glob("*.nii.gz"))
+    for f in images:
+        case = f.name[: -len(".nii.gz")]
+        (raw / "imagesTr" / f"{case}_0000.nii.gz").symlink_to(f.resolve())
+        (raw / "labelsTr" / f.name).symlink_to((src / "labelsTr" / f.name).resolve())
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {name: i for i, name in BTCV_NAMES.items()},
+        "numTraining": len(images), "file_ending": ".nii.gz"}))
+    return raw
