@@ -157,8 +157,9 @@ def preprocess(
     cfg = load_config(config, set_ or [])
     spec, c = preprocess_config(cfg, workers=workers, shard=(k, n), skip_bad=skip_bad or None,
                                 progress=True)
-    typer.echo(f"shard {k}/{n}: built {c['built']}, already there {c['skipped']}, failed {c['failed']}; the store "
-               f"holds {c['volumes']} of {c['listed']} listed volumes ({c['failed_total']} failed) → "
+    busy = f", being built by another process {c['busy']}" if c["busy"] else ""
+    typer.echo(f"shard {k}/{n}: built {c['built']}, already there {c['skipped']}, failed {c['failed']}{busy}; "
+               f"the store holds {c['volumes']} of the {c['listed']} volumes listed ({c['failed_total']} failed) → "
                f"{spec.root}/manifest.json")
 
 

@@ -84,8 +84,8 @@ def _crops(cfg: PretrainConfig, items: list[dict], per_volume: int, seed: int):
         from .data.store import StoreCrops, preprocess_store, records_for, store_for
 
         spec = store_for(cfg)
-        preprocess_store(spec, items, workers=max(1, d.num_workers), progress=False)
-        crops = StoreCrops(spec, records_for(spec, items, skip_bad=False), d.roi, per_volume, d.crop)
+        preprocess_store(spec, items, workers=max(1, d.num_workers), skip_bad=d.skip_bad, progress=False)
+        crops = StoreCrops(spec, records_for(spec, items, d.skip_bad), d.roi, per_volume, d.crop)
         for i in range(len(crops)):
             for sample in crops.draw(i, seed + i):
                 yield sample["image"]

@@ -400,8 +400,10 @@ def make_loaders(cfg: PretrainConfig, trainer: pl.Trainer):
         per_batch = check_fill(len(records), t.batch_size, d.samples_per_volume, world, _name(d.train))
         train_ds = StoreCrops(spec, records, d.roi, d.samples_per_volume, d.crop)
         val_ds = None
-        if val_items:
-            mine = shard(val_items, rank, world)
+        # Every rank sees the same records and failures once the store is complete: the same lists everywhere.
+        val_ok = [item for item in val_items if spec.record(item) is not None] if d.skip_bad else val_items
+        if val_ok:
+            mine = shard(val_ok, rank, world)
             val_ds = StoreCrops(spec, records_for(spec, mine, skip_bad=False), d.roi,
                                 extras=[{"weight": item["weight"]} for item in mine])
     train = train_loader(train_ds, cfg.seed, per_batch, trainer, d.num_workers)

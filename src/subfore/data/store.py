@@ -26,6 +26,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +45,10 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 # --- identity ---------------------------------------------------------------------------------------------
-def source_signature(item: dict) -> dict:
-    """Size (bytes) and newest mtime (ns) over every file of an item (image channels, DICOM folders, label)."""
+def source_signature(item: dict, key: str = "image") -> dict:
+    """Size (bytes) and newest mtime (ns) over the files of ``item[key]`` (image channels, DICOM folders)."""
     size, mtime = 0, 0
-    for key in ("image", "label"):
+    for key in (key,):
         for p in map(Path, _as_list(item.get(key))):
             files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
             for f in files:
@@ -62,8 +63,8 @@ def source_text(item: dict) -> str | list[str]:
 
 
 def volume_id(item: dict) -> str:
-    """File-safe, unique per source: the case name plus a hash of the image path(s) (and label path)."""
-    blob = json.dumps([source_text(item), str(item.get("label"))])
+    """File-safe, unique per source: the case name plus a hash of the image path(s)."""
+    blob = json.dumps(source_text(item))
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in case_id(item))[:60]
     return f"{safe}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
@@ -110,7 +111,8 @@ class StoreSpec:
         return self.root / folder / f"{vid}{suffix}"
 
     def record(self, item: dict) -> dict | None:
-        """The record of ``item`` if it was built from the source as it is now, else None."""
+        """The record of ``item`` if it was built from the source as it is now (and holds the item's label, if it
+        has one), else None."""
         p = self.path("record", volume_id(item))
         try:
             rec = json.loads(p.read_text())
@@ -118,6 +120,9 @@ class StoreSpec:
             return None
         try:
             if rec.get("signature") != source_signature(item):
+                return None
+            if item.get("label") and (rec.get("source_label") != str(item["label"])
+                                      or rec.get("label_signature") != source_signature(item, "label")):
                 return None
         except OSError:
             return None
@@ -129,10 +134,42 @@ class StoreSpec:
         return rec
 
     def failure(self, item: dict) -> dict | None:
+        """The recorded failure of ``item`` if its source has not changed since, else None (it is retried)."""
         try:
-            return json.loads(self.path("failed", volume_id(item)).read_text())
+            fail = json.loads(self.path("failed", volume_id(item)).read_text())
         except (OSError, json.JSONDecodeError):
             return None
+        try:
+            changed = fail.get("signature") != _full_signature(item)
+        except OSError:
+            changed = False
+        return None if changed else fail
+
+
+def _full_signature(item: dict) -> dict:
+    sig = source_signature(item)
+    return {**sig, "label": source_signature(item, "label")} if item.get("label") else sig
+
+
+class StoreWriteError(SubforeError):
+    """The store itself cannot be written (disk full, quota, permissions): never a bad source, never skipped."""
+
+
+@contextmanager
+def _locked(path: Path, blocking: bool = True):
+    """An exclusive flock on ``path`` (works across NFS clients); yields False when ``blocking`` is off and another
+    process holds it. Where the filesystem has no locks (Lustre without -o flock) it proceeds unlocked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as exc:  # ENOLCK / ENOSYS: no lock support on this mount
+            log.warning("%s: no file locks on this filesystem (%s); concurrent builders may redo work", path,
+                        exc.strerror)
+        yield True
 
 
 def store_for(cfg) -> StoreSpec:
@@ -152,9 +189,17 @@ def store_for(cfg) -> StoreSpec:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def body_bbox(image: np.ndarray) -> list[list[int]]:
@@ -196,6 +241,7 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
     t0 = time.perf_counter()
     vid = volume_id(item)
     signature = source_signature(item)  # before reading: a source rewritten meanwhile is rebuilt next time
+    label_signature = source_signature(item, "label") if item.get("label") else None
     keys = ["image", "label"] if item.get("label") else ["image"]
     data = load_item(Compose(preprocess(spec.preset, keys)), {k: item[k] for k in keys})
     image = data["image"]
@@ -212,6 +258,7 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
         "spacing": list(spec.preset.array_spacing), "dtype": spec.dtype, "chunks": list(chunks),
         "blocks": list(blocks), "body_bbox": body_bbox(arr), "signature": signature,
         "foreground_share": foreground_share(image, spec.subvolume, spec.threshold),
+        "foreground_threshold": spec.threshold, "subvolume_size": spec.subvolume,
     }
     outputs = [("image", arr, chunks, blocks)]
     if "label" in keys:
@@ -220,42 +267,51 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
         if lab.min() < 0 or lab.max() > 255:
             raise DataError(item["label"], f"label values {int(lab.min())}…{int(lab.max())} do not fit uint8")
         outputs.append(("label", lab.numpy().astype(np.uint8), (1, *chunks[1:]), blocks))
-        record["source_label"] = str(item["label"])
-    for kind, a, ch, bl in outputs:
-        final = spec.path(kind, vid)
-        for stale in final.parent.glob(f".{final.name}.*.partial"):
-            stale.unlink(missing_ok=True)  # left by a writer killed mid-write
-        tmp = final.with_name(f".{final.name}.{socket.gethostname()}-{os.getpid()}.partial")
-        blosc2.asarray(np.ascontiguousarray(a), urlpath=str(tmp), chunks=ch, blocks=bl, cparams=cparams,
-                       mode="w")
-        os.replace(tmp, final)
-        rel = final.relative_to(spec.root).as_posix()
-        size = final.stat().st_size
-        if kind == "image":
-            record["bytes"] = size
-        else:
-            record["label"], record["label_bytes"] = rel, size
-    spec.path("record", vid).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(spec.path("record", vid), json.dumps(record, indent=1))
-    spec.path("failed", vid).unlink(missing_ok=True)
-    line = {"source": record["source"], "host": socket.gethostname(), "pid": os.getpid(), "rank": rank,
-            "seconds": round(time.perf_counter() - t0, 3), "time": time.time()}
-    with open(spec.root / "builds.log", "a") as fh:  # one short O_APPEND write per line
-        fh.write(json.dumps(line) + "\n")
+        record["source_label"], record["label_signature"] = str(item["label"]), label_signature
+    try:
+        for kind, a, ch, bl in outputs:
+            final = spec.path(kind, vid)
+            # Left by a writer killed mid-write (the caller holds this volume's lock, so none is live).
+            for stale in final.parent.glob(f".{final.name}.*.partial"):
+                stale.unlink(missing_ok=True)
+            tmp = final.with_name(f".{final.name}.{socket.gethostname()}-{os.getpid()}.partial")
+            blosc2.asarray(np.ascontiguousarray(a), urlpath=str(tmp), chunks=ch, blocks=bl, cparams=cparams,
+                           mode="w")
+            _fsync(tmp)
+            os.replace(tmp, final)
+            rel = final.relative_to(spec.root).as_posix()
+            size = final.stat().st_size
+            if kind == "image":
+                record["bytes"] = size
+            else:
+                record["label"], record["label_bytes"] = rel, size
+        spec.path("record", vid).parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(spec.path("record", vid), json.dumps(record, indent=1))
+        spec.path("failed", vid).unlink(missing_ok=True)
+        line = {"source": record["source"], "host": socket.gethostname(), "pid": os.getpid(), "rank": rank,
+                "seconds": round(time.perf_counter() - t0, 3), "time": time.time()}
+        with open(spec.root / "builds.log", "a") as fh:  # one short O_APPEND write per line
+            fh.write(json.dumps(line) + "\n")
+    except Exception as exc:  # noqa: BLE001 - ENOSPC, EDQUOT, EACCES, blosc2's own write errors
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise StoreWriteError(f"{spec.root}: cannot write the store ({type(exc).__name__}: {reason})") from exc
     return record
 
 
 def record_failure(spec: StoreSpec, item: dict, error: str) -> None:
     p = spec.path("failed", volume_id(item))
     p.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(p, json.dumps({"source": source_text(item), "error": error}))
+    try:
+        sig = _full_signature(item)
+    except OSError:
+        sig = None
+    _atomic_write(p, json.dumps({"source": source_text(item), "error": error, "signature": sig}))
 
 
 def write_manifest(spec: StoreSpec) -> dict:
     """Merge every record and failure into manifest.json (under a lock: shards on other nodes merge too)."""
     spec.root.mkdir(parents=True, exist_ok=True)
-    with open(spec.root / ".manifest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(spec.root / ".manifest.lock"):
         volumes, failed = [], []
         for folder, out in (("records", volumes), ("failed", failed)):
             for p in sorted((spec.root / folder).glob("*.json")):
@@ -287,17 +343,26 @@ def unique_items(items: Iterable[dict]) -> list[dict]:
     return out
 
 
-def _build_job(args) -> tuple[int, dict | None, str | None]:
+def _build_job(args) -> tuple[int, str, str | None]:
+    """Build one volume under its lock → (index, outcome, message); outcome built | busy | done | bad | store."""
     spec, item, index, rank = args
     torch.set_num_threads(1)
-    try:
-        return index, build_volume(spec, item, rank), None
-    except SubforeError as exc:
-        return index, None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure becomes one named line
-        from .dataset import named_error
+    with _locked(spec.root / "locks" / f"{volume_id(item)}.lock", blocking=False) as mine:
+        if not mine:
+            return index, "busy", None  # another process is building it; wait_for_store sees it finish
+        if spec.record(item) is not None:
+            return index, "done", None  # finished by another process meanwhile
+        try:
+            build_volume(spec, item, rank)
+            return index, "built", None
+        except StoreWriteError as exc:
+            return index, "store", str(exc)
+        except SubforeError as exc:
+            return index, "bad", str(exc)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure becomes one named line
+            from .dataset import named_error
 
-        return index, None, str(named_error(exc, item))
+            return index, "bad", str(named_error(exc, item))
 
 
 def preprocess_store(spec: StoreSpec, items: Sequence[dict], *, workers: int = 1, shard: tuple[int, int] = (0, 1),
@@ -310,16 +375,18 @@ def preprocess_store(spec: StoreSpec, items: Sequence[dict], *, workers: int = 1
     k, n = shard
     mine = unique_items(items)[k::n]
     todo = [(i, item) for i, item in enumerate(mine) if spec.record(item) is None]
-    counts = {"built": 0, "skipped": len(mine) - len(todo), "failed": 0}
+    counts = {"built": 0, "skipped": len(mine) - len(todo), "failed": 0, "busy": 0}
     error = None
     if todo:
         bar = _progress(len(todo), f"preprocessing {len(todo)} of {len(mine)} volumes", progress)
         jobs = [(spec, item, i, rank) for i, item in todo]
         try:
-            for i, rec, err in _run_jobs(jobs, workers):
+            for i, outcome, err in _run_jobs(jobs, workers):
                 bar.update(1)
-                if err is None:
-                    counts["built"] += 1
+                if outcome == "store":
+                    raise StoreWriteError(err)
+                if outcome != "bad":
+                    counts[{"built": "built", "done": "skipped", "busy": "busy"}[outcome]] += 1
                     continue
                 record_failure(spec, mine[i], err)
                 counts["failed"] += 1
@@ -348,13 +415,17 @@ def preprocess_config(cfg, workers: int = 1, shard: tuple[int, int] = (0, 1), sk
     if not (n >= 1 and 0 <= k < n):
         raise SubforeError(f"--shard {k}/{n}: K must be 0 … N−1 (SLURM: --shard $SLURM_ARRAY_TASK_ID/N with "
                            f"--array=0-{max(n, 1) - 1})")
-    items = load_datalists(d.train, d.train_split) + (load_datalists(d.val, d.val_split) if d.val else [])
+    from ..pretrain import ensure_phantoms
+
+    ensure_phantoms(cfg)
+    items = unique_items(load_datalists(d.train, d.train_split) + (load_datalists(d.val, d.val_split) if d.val
+                                                                    else []))
     spec = store_for(cfg)
     counts = preprocess_store(spec, items, workers=workers, shard=shard,
                               skip_bad=d.skip_bad if skip_bad is None else skip_bad, progress=progress)
-    manifest = json.loads((spec.root / "manifest.json").read_text())
-    return spec, {**counts, "volumes": len(manifest["volumes"]), "failed_total": len(manifest["failed"]),
-                  "listed": len(unique_items(items))}
+    # Of this config's volumes (the store may also hold other datasets with the same preprocessing):
+    return spec, {**counts, "listed": len(items), "volumes": sum(spec.record(i) is not None for i in items),
+                  "failed_total": sum(spec.failure(i) is not None for i in items)}
 
 
 def _run_jobs(jobs: list, workers: int):
@@ -364,10 +435,12 @@ def _run_jobs(jobs: list, workers: int):
         return
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would inherit locked.
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_quiet_worker) as pool:
-        pending = {pool.submit(_build_job, job) for job in jobs[:2 * workers]}
+        submitted = {pool.submit(_build_job, job): job for job in jobs[:2 * workers]}
+        pending = set(submitted)
         queue = iter(jobs[2 * workers:])
         try:
             while pending:
@@ -375,8 +448,15 @@ def _run_jobs(jobs: list, workers: int):
                 for fut in done:
                     nxt = next(queue, None)
                     if nxt is not None:
-                        pending.add(pool.submit(_build_job, nxt))
-                    yield fut.result()
+                        new = pool.submit(_build_job, nxt)
+                        submitted[new] = nxt
+                        pending.add(new)
+                    try:
+                        yield fut.result()
+                    except BrokenProcessPool:
+                        raise SubforeError(f"{source_text(submitted[fut][1])}: a preprocessing worker died while "
+                                           f"building it or a neighbour (out of memory? try fewer --workers); "
+                                           f"rerun to continue") from None
         finally:
             for fut in pending:
                 fut.cancel()
@@ -408,10 +488,11 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def wait_for_store(spec: StoreSpec, items: Sequence[dict], skip_bad: bool, poll_s: float = 2.0,
-                   timeout_s: float | None = None) -> None:
+                   stall_s: float = 3600.0) -> None:
     """Block until every item has a record (or, with ``skip_bad``, a failure): the other ranks' shards.
 
-    A failure recorded by another rank without ``skip_bad`` stops this rank with the same line.
+    A failure recorded by another rank without ``skip_bad`` stops this rank with the same line; so does an hour
+    (``stall_s``) in which no missing volume was finished (a rank that died, or a store other ranks cannot see).
     """
     waiting = unique_items(items)
     start, said = time.monotonic(), False
@@ -431,9 +512,12 @@ def wait_for_store(spec: StoreSpec, items: Sequence[dict], skip_bad: bool, poll_
             log.warning("waiting for %d volume(s) that other ranks are building into %s (data.cache_dir must be "
                         "one folder that every rank sees)", len(left), spec.root)
             said = True
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise SubforeError(f"{spec.root}: {len(left)} volume(s) still missing after {timeout_s:.0f} s, "
-                               f"first {source_text(left[0])}")
+        if len(left) < len(waiting):
+            start = time.monotonic()
+        elif time.monotonic() - start > stall_s:
+            raise SubforeError(f"{spec.root}: {len(left)} volume(s) still missing and none finished in "
+                               f"{stall_s:.0f} s (first: {source_text(left[0])}); is another rank down, or "
+                               f"data.cache_dir not shared between nodes?")
         waiting = left
         time.sleep(poll_s)
 
@@ -472,7 +556,8 @@ class _Handles:
         if key in self.open:
             self.open.move_to_end(key)
             return self.open[key]
-        arr = blosc2.open(key, mode="r", mmap_mode="r")
+        # No mmap: mapped pages would count towards the worker's memory and grow with the volumes it reads.
+        arr = blosc2.open(key, mode="r")
         self.open[key] = arr
         if len(self.open) > self.size:
             self.open.popitem(last=False)
