@@ -129,7 +129,7 @@ def test_two_shards_in_either_order_give_one_complete_manifest(phantom_dir, tmp_
         assert len(_manifest(tmp / "cache")["volumes"]) in (1, 2)  # this shard's share so far
         second = _run("preprocess", "--config", cfg, "--shard", order[1])
         assert second.returncode == 0, second.stderr
-        assert second.stdout.strip().endswith("manifest.json") and "holds 4 of 4 listed volumes" in second.stdout
+        assert second.stdout.strip().endswith("manifest.json") and "holds 4 of the 4 volumes listed (0 failed)" in second.stdout
         m = _manifest(tmp / "cache")
         assert sorted(v["source"] for v in m["volumes"]) == sources and m["failed"] == []  # training + validation
         assert sorted(b["source"] for b in _builds(tmp / "cache")) == sources  # each built exactly once
