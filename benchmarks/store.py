@@ -16,7 +16,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -26,8 +25,16 @@ from pathlib import Path
 ROI = (96, 96, 96)
 
 
+def _as_list(batch):
+    return batch
+
+
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _store(cache: Path, spacing: float):
@@ -71,7 +78,7 @@ def read_crops(kind: str, items, cache: Path, spacing: float, crops: int, worker
     from torch.utils.data import DataLoader
 
     loader = DataLoader(DrawDataset(ds, 0), batch_size=1, sampler=range(crops + 2 * workers), num_workers=workers,
-                        collate_fn=lambda b: b, prefetch_factor=2)
+                        collate_fn=_as_list, prefetch_factor=2)
     it = iter(loader)
     for _ in range(2 * workers):  # workers started and warm
         next(it)
@@ -103,7 +110,7 @@ def build(kind: str, items, cache: Path, spacing: float, workers: int) -> float:
         from torch.utils.data import DataLoader
 
         ds = _persistent(items, cache, spacing)
-        list(DataLoader(ds, batch_size=1, num_workers=workers if workers > 1 else 0, collate_fn=lambda b: b))
+        list(DataLoader(ds, batch_size=1, num_workers=workers if workers > 1 else 0, collate_fn=_as_list))
     return time.perf_counter() - t0
 
 

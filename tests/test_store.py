@@ -68,7 +68,9 @@ ZSCORE = Preset(modality="nnunet", spacing=(4.0, 4.0, 4.0), norms=(ChannelNorm(s
 def test_stored_crops_equal_in_memory_crops(phantom_dir, tmp_path, preset, dtype):
     items = [{"image": str(p)} for p in sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))]
     spec = StoreSpec.under(tmp_path, preset, dtype, roi=(32, 32, 32), threshold=0.1)
+    threads = torch.get_num_threads()
     assert preprocess_store(spec, items, progress=False)["built"] == len(items)
+    assert torch.get_num_threads() == threads  # an in-process build leaves the caller's (the trainer's) threads
     crops = StoreCrops(spec, records_for(spec, items, skip_bad=False), (32, 32, 32), samples=6)
     stored, memory = [], []
     for i, item in enumerate(items):

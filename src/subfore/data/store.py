@@ -346,7 +346,6 @@ def unique_items(items: Iterable[dict]) -> list[dict]:
 def _build_job(args) -> tuple[int, str, str | None]:
     """Build one volume under its lock → (index, outcome, message); outcome built | busy | done | bad | store."""
     spec, item, index, rank = args
-    torch.set_num_threads(1)
     with _locked(spec.root / "locks" / f"{volume_id(item)}.lock", blocking=False) as mine:
         if not mine:
             return index, "busy", None  # another process is building it; wait_for_store sees it finish
@@ -437,8 +436,11 @@ def _run_jobs(jobs: list, workers: int):
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would inherit locked.
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_quiet_worker) as pool:
+    # Not fork: the parent may hold torch/OpenMP threads that a forked child would inherit locked. A forkserver
+    # that has imported this module (torch, MONAI) but run nothing forks workers that start at once.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["subfore._quiet", __name__, "subfore.data.transforms"])
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread) as pool:
         submitted = {pool.submit(_build_job, job): job for job in jobs[:2 * workers]}
         pending = set(submitted)
         queue = iter(jobs[2 * workers:])
@@ -462,13 +464,9 @@ def _run_jobs(jobs: list, workers: int):
                 fut.cancel()
 
 
-def _quiet_worker() -> None:
-    # Spawned workers start without the CLI's filters: keep MONAI's import-time notices out of the progress bar.
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("monai").setLevel(logging.ERROR)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+def _one_thread() -> None:
+    # N worker processes on N cores: one torch thread each (in-process builds keep the caller's threads).
+    torch.set_num_threads(1)
 
 
 class _NoBar:
