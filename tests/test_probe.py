@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,13 +118,15 @@ def test_probe_refuses_an_encoder_without_its_json(tmp_path):
                                    f"from the encoder.json beside encoder.pt")
 
 
-def test_fingerprint_matches_a_hand_count(tmp_path):
+@pytest.mark.parametrize("store", [False, True], ids=["from-files", "from-store"])
+def test_fingerprint_matches_a_hand_count(tmp_path, store):
     # Two 32³ volumes at the preset's spacing, so each crop is the whole volume: 8 subvolumes of 16³.
     lit = np.full((32, 32, 32), -1000, np.int16)
     lit[:16, :16, :16] = lit[16:, :16, :16] = lit[:16, 16:, 16:] = 40  # 3 soft-tissue subvolumes (mean ≥ λ)
     write_nifti(tmp_path / "lit.nii.gz", lit)
     write_nifti(tmp_path / "air.nii.gz", np.full((32, 32, 32), -1000, np.int16))  # no foreground: falls back
-    cfg = {"data": {"train": str(tmp_path), "roi": [32, 32, 32], "spacing": [1.5, 1.5, 1.5], "cache_dir": None},
+    cfg = {"data": {"train": str(tmp_path), "roi": [32, 32, 32], "spacing": [1.5, 1.5, 1.5],
+                    "cache_dir": str(tmp_path / "cache") if store else None},
            "model": {"name": "basicunet"}, "masking": {"ratio": 0.6, "subvolume_size": 16, "threshold": 0.1}}
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump(cfg))
     proc = _run("fingerprint", tmp_path, "--config", tmp_path / "pre.yaml", "--out", tmp_path / "fp", "--crops", "2")
@@ -135,3 +138,7 @@ def test_fingerprint_matches_a_hand_count(tmp_path):
     assert fp["expected_masked_share"] == {"foreground": pytest.approx((5 / 8 + 2 / 8) / 2), "random": 0.625}
     assert fp["fallback_share"] == 0.5
     assert (tmp_path / "fp" / "foreground_share.png").read_bytes()[:4] == b"\x89PNG"
+    if store:  # the store's manifest records each whole volume's share at the config's λ: the same hand count
+        (manifest,) = (tmp_path / "cache").glob("store-*/manifest.json")
+        shares = {Path(v["source"]).name: v["foreground_share"] for v in json.loads(manifest.read_text())["volumes"]}
+        assert shares == {"air.nii.gz": 0.0, "lit.nii.gz": 0.375}

@@ -64,6 +64,7 @@ TINY = {
     "study --check": [],
     "probe": ["--steps", "20", "--device", "cpu"],
     "fingerprint": ["--crops", "4"],
+    "preprocess": _sets(PRETRAIN),
 }
 
 
@@ -295,6 +296,21 @@ def check_fingerprint(cwd: Path, p: dict, before) -> None:
     _png(cwd / p["out"] / "foreground_share.png")
 
 
+def check_preprocess(cwd: Path, p: dict, before) -> None:
+    from subfore.data import load_datalists
+    from subfore.data.store import StoreSpec, volume_id
+
+    cfg = _pretrain_cfg(cwd, p)
+    spec = StoreSpec.under(cwd / cfg.data.cache_dir, cfg.data.preset_obj(), cfg.data.store_dtype)
+    manifest = json.loads((spec.root / "manifest.json").read_text())
+    items = load_datalists(str(cwd / cfg.data.train), cfg.data.train_split)
+    if cfg.data.val:
+        items += load_datalists(str(cwd / cfg.data.val), cfg.data.val_split)
+    assert sorted(v["store"] for v in manifest["volumes"]) == sorted({f"volumes/{volume_id(i)}.b2nd" for i in items})
+    assert manifest["failed"] == [] and all((spec.root / v["store"]).stat().st_size == v["bytes"]
+                                            for v in manifest["volumes"])
+
+
 CHECKS = {
     "phantoms": check_phantoms,
     "show-mask": check_show_mask,
@@ -308,6 +324,7 @@ CHECKS = {
     "study --check": check_study_check,
     "probe": check_probe,
     "fingerprint": check_fingerprint,
+    "preprocess": check_preprocess,
 }
 BEFORE = {"pretrain --resume": before_resume}
 

@@ -35,7 +35,9 @@ def write_config(path: Path, phantom_dir: Path, kind: str = "pretrain", **sectio
                   "progress_bar": False},
     }
     if kind == "pretrain":
-        tree["masking"] = {"strategy": "anatomask"}
+        # 8³ subvolumes: 64 per 32³ crop, so two ranks' masks never coincide by chance (with 16³, 8 cells and
+        # 5 masked, two independent masks are equal 1 time in 56).
+        tree["masking"] = {"strategy": "anatomask", "subvolume_size": 8}
     else:
         tree["data"].update(spacing=[3.0, 3.0, 3.0], samples_per_volume=1, val=str(phantom_dir / "dataset.json"),
                             val_split="training")

@@ -137,6 +137,32 @@ def fingerprint(
     typer.echo(f"{summary_line(result)} → {out}/fingerprint.json")
 
 
+@app.command()
+def preprocess(
+    config: Path = typer.Option(..., "--config", "-c", help="the pretraining config: data, preset, ROI, λ"),
+    workers: int = typer.Option(1, "--workers", min=1, help="worker processes"),
+    shard: str = typer.Option("0/1", "--shard", help="K/N: volumes K, K+N, … (SLURM array task K of N, 0-based)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="list unreadable files under 'failed' and go on"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set data.store_dtype=float32"),
+) -> None:
+    """Preprocess data.train and data.val once into the chunked crop store under data.cache_dir (resumable)."""
+    from .config import load_config
+    from .data.store import preprocess_config
+    from .errors import SubforeError
+
+    try:
+        k, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise SubforeError(f"--shard takes K/N (e.g. 0/4), got {shard!r}") from None
+    cfg = load_config(config, set_ or [])
+    spec, c = preprocess_config(cfg, workers=workers, shard=(k, n), skip_bad=skip_bad or None,
+                                progress=True)
+    busy = f", being built by another process {c['busy']}" if c["busy"] else ""
+    typer.echo(f"shard {k}/{n}: built {c['built']}, already there {c['skipped']}, failed {c['failed']}{busy}; "
+               f"the store holds {c['volumes']} of the {c['listed']} volumes listed ({c['failed_total']} failed) → "
+               f"{spec.root}/manifest.json")
+
+
 def _roi(roi: Optional[str]):
     from .cli import _floats
 

@@ -45,7 +45,8 @@ class DataConfig(Strict):
     channels: int = Field(1, ge=1)
     roi: tuple[int, int, int] = (96, 96, 96)
     samples_per_volume: int = Field(1, ge=1, description="random crops taken from each loaded volume")
-    cache_dir: str | None = ".cache/subfore"
+    cache_dir: str | None = Field(".cache/subfore", description="pretraining: the crop store (subfore preprocess) "
+                                  "lives here; finetuning: MONAI's PersistentDataset cache; null: no cache")
     num_workers: int = Field(2, ge=0)
     skip_bad: bool = False
     phantoms: PhantomSource | None = None
@@ -69,6 +70,14 @@ class DataConfig(Strict):
         if self.window:
             extra.update(zip(("a_min", "a_max", "b_min", "b_max"), self.window))
         return Preset(**extra)
+
+
+class PretrainData(DataConfig):
+    """Pretraining data: crops come from the chunked store under ``cache_dir`` (docs/data.md)."""
+
+    store_dtype: Literal["float16", "float32"] = Field("float16", description="the store's image dtype")
+    crop: Literal["anywhere", "body"] = Field(
+        "anywhere", description="body: random crops stay inside each volume's body bounding box")
 
 
 class ModelConfig(Strict):
@@ -188,7 +197,7 @@ class PretrainConfig(Strict):
 
     run_dir: str = "runs/pretrain"
     seed: int = 0
-    data: DataConfig
+    data: PretrainData
     model: ModelConfig = Field(default_factory=ModelConfig)
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

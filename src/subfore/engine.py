@@ -40,7 +40,7 @@ def mix_seed(*values: int) -> int:
 class DrawDataset(Dataset):
     """Map a global draw index to (volume, transform seed): ``volumes[perm_e[g mod n]]`` seeded from (seed, g).
 
-    ``volumes`` is a dataset whose ``inner.transform`` is the MONAI Compose to seed (a SafeDataset).
+    ``volumes`` has ``draw(index, seed)`` → that volume's crops (a SafeDataset, or the store's StoreCrops).
     """
 
     def __init__(self, volumes, seed: int) -> None:
@@ -59,8 +59,7 @@ class DrawDataset(Dataset):
         return int(self._perm[pos])
 
     def __getitem__(self, g: int):
-        self.volumes.inner.transform.set_random_state(seed=mix_seed(self.seed, g) % (2**32))
-        return self.volumes[self.volume_of(g)]
+        return self.volumes.draw(self.volume_of(g), mix_seed(self.seed, g) % (2**32))
 
 
 class StepSampler(Sampler[int]):

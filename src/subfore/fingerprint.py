@@ -48,16 +48,11 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
     g = torch.Generator().manual_seed(seed)
     items = [items[i] for i in torch.randperm(len(items), generator=g)[:crops].tolist()]
     per_volume = max(1, math.ceil(crops / len(items)))
-    transform = pretrain_transforms(preset, d.roi, per_volume)
-    set_determinism(seed)  # the crops' positions are part of the fingerprint: same seed, same crops
-    transform.set_random_state(seed)
     shares, masked = [], []
-    for item in items:
-        for sample in load_item(transform, item):
-            f, m = crop_shares(torch.as_tensor(sample["image"])[None].float(), mk.subvolume_size, threshold, mk.ratio)
-            shares.append(float(f[0]))
-            masked.append(float(m[0]))
-    set_determinism(None)
+    for sample in _crops(cfg, items, per_volume, seed):
+        f, m = crop_shares(sample[None].float(), mk.subvolume_size, threshold, mk.ratio)
+        shares.append(float(f[0]))
+        masked.append(float(m[0]))
     shares, masked = shares[:crops], masked[:crops]
     n = math.prod(r // mk.subvolume_size for r in d.roi)
     f = torch.tensor(shares, dtype=torch.float64)
@@ -79,6 +74,29 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
     tmp.replace(out / "fingerprint.json")
     _histogram(result, out / "foreground_share.png")
     return result
+
+
+def _crops(cfg: PretrainConfig, items: list[dict], per_volume: int, seed: int):
+    """``per_volume`` random training crops (C, *roi) of each item, as pretraining cuts them: from the store under
+    ``data.cache_dir`` (built first where it lacks these volumes), else straight from the files."""
+    d = cfg.data
+    if d.cache_dir is not None:
+        from .data.store import StoreCrops, preprocess_store, records_for, store_for
+
+        spec = store_for(cfg)
+        preprocess_store(spec, items, workers=max(1, d.num_workers), skip_bad=d.skip_bad, progress=False)
+        crops = StoreCrops(spec, records_for(spec, items, d.skip_bad), d.roi, per_volume, d.crop)
+        for i in range(len(crops)):
+            for sample in crops.draw(i, seed + i):
+                yield sample["image"]
+        return
+    transform = pretrain_transforms(d.preset_obj(), d.roi, per_volume)
+    set_determinism(seed)  # the crops' positions are part of the fingerprint: same seed, same crops
+    transform.set_random_state(seed)
+    for item in items:
+        for sample in load_item(transform, item):
+            yield torch.as_tensor(sample["image"])
+    set_determinism(None)
 
 
 def summary_line(result: dict) -> str:

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from .config import PretrainConfig, dump_config
 from .data.datalist import load_datalists
 from .data.dataset import make_dataset
+from .data.store import StoreCrops, preprocess_store, records_for, store_for, wait_for_store
 from .data.transforms import center_transforms, pretrain_transforms
 from .engine import (
     RunControl,
@@ -370,27 +371,66 @@ def ensure_phantoms(cfg) -> None:
 
 
 def make_loaders(cfg: PretrainConfig, trainer: pl.Trainer):
-    """This rank's endless loader of random ROI crops (cached preprocessing) and its share of the centre-crop
-    validation volumes (or None)."""
+    """This rank's endless loader of random ROI crops and its share of the centre-crop validation volumes (or None).
+
+    With ``data.cache_dir`` the crops come from the chunked store there: each rank first builds its shard of
+    whatever the store lacks, then waits for the other ranks' shards (so the same config works with or
+    without ``subfore preprocess``). Without a cache, every crop is preprocessed from the source file.
+    """
     d, t = cfg.data, cfg.train
-    preset = d.preset_obj()
     rank, world = trainer.global_rank, trainer.world_size
     train_items = load_datalists(d.train, d.train_split)
-    per_batch = check_fill(len(train_items), t.batch_size, d.samples_per_volume, world, _name(d.train))
-    train_ds = make_dataset(train_items, pretrain_transforms(preset, d.roi, d.samples_per_volume), d.cache_dir,
-                            cache_key=(preset,), skip_bad=d.skip_bad)
+    val_items = load_datalists(d.val, d.val_split) if d.val else []
+    if d.val and not val_items:
+        raise DataError(_name(d.val), f"the '{d.val_split}' split is empty")
+    if d.cache_dir is None:
+        preset = d.preset_obj()
+        per_batch = check_fill(len(train_items), t.batch_size, d.samples_per_volume, world, _name(d.train))
+        train_ds = make_dataset(train_items, pretrain_transforms(preset, d.roi, d.samples_per_volume),
+                                skip_bad=d.skip_bad)
+        val_ds = make_dataset(shard(val_items, rank, world), center_transforms(preset, d.roi),
+                              skip_bad=d.skip_bad) if val_items else None
+    else:
+        spec = store_for(cfg)
+        everything = train_items + val_items
+        preprocess_store(spec, everything, workers=max(1, d.num_workers), shard=(rank, world), skip_bad=d.skip_bad,
+                         progress=t.progress_bar and rank == 0, rank=rank)
+        wait_for_store(spec, everything, d.skip_bad)
+        records = records_for(spec, train_items, d.skip_bad)
+        per_batch = check_fill(len(records), t.batch_size, d.samples_per_volume, world, _name(d.train))
+        train_ds = StoreCrops(spec, records, d.roi, d.samples_per_volume, d.crop)
+        val_ds = None
+        # Every rank sees the same records and failures once the store is complete: the same lists everywhere.
+        val_ok = [item for item in val_items if spec.record(item) is not None] if d.skip_bad else val_items
+        if val_ok:
+            mine = shard(val_ok, rank, world)
+            val_ds = StoreCrops(spec, records_for(spec, mine, skip_bad=False), d.roi,
+                                extras=[{"weight": item["weight"]} for item in mine])
     train = train_loader(train_ds, cfg.seed, per_batch, trainer, d.num_workers)
     val = None
-    if d.val:
-        val_items = load_datalists(d.val, d.val_split)
-        if not val_items:
-            raise DataError(_name(d.val), f"the '{d.val_split}' split is empty")
-        val_ds = make_dataset(shard(val_items, rank, world), center_transforms(preset, d.roi), d.cache_dir,
-                              cache_key=(preset, "center", list(d.roi)), skip_bad=d.skip_bad)
+    if val_ds is not None:
         from monai.data import DataLoader
 
         val = DataLoader(val_ds, batch_size=1, num_workers=min(1, d.num_workers))
     return train, val
+
+
+class CropData(pl.LightningDataModule):
+    """The loaders, built inside ``fit`` on every rank (after launch: each rank builds its own store shard)."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        super().__init__()
+        self.cfg, self.loaders = cfg, None
+
+    def setup(self, stage: str) -> None:
+        if self.loaders is None:
+            self.loaders = make_loaders(self.cfg, self.trainer)
+
+    def train_dataloader(self):
+        return self.loaders[0]
+
+    def val_dataloader(self):
+        return self.loaders[1] if self.loaders[1] is not None else []
 
 
 def _name(source) -> str:
@@ -416,9 +456,12 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     control = RunControl(run_dir, on_end=lambda: model.export_encoder(run_dir))
     trainer = make_trainer(run_dir, t, [checkpoint, RunArtifacts(run_dir, t.ckpt_every, cfg), control],
                            cfg.data.val is not None)
-    train_loader_, val_loader = make_loaders(cfg, trainer)
+    d = cfg.data
+    # Fail before launching anything when the data cannot fill a batch on every rank.
+    check_fill(len(load_datalists(d.train, d.train_split)), t.batch_size, d.samples_per_volume,
+               trainer.world_size, _name(d.train))
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    control.fit(trainer, model, train_dataloaders=train_loader_, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    control.fit(trainer, model, datamodule=CropData(cfg), ckpt_path=ckpt_path)
     return run_dir / "encoder.pt"

@@ -3,12 +3,15 @@
 from .datalist import case_id, load_datalist, load_datalists
 from .dataset import SafeDataset, make_dataset
 from .presets import Preset, make_preset
+from .store import StoreCrops, StoreSpec, preprocess_config, preprocess_store, store_for
 from .transforms import CheckVolumed, center_transforms, preprocess, pretrain_transforms
 
 __all__ = [
     "CheckVolumed",
     "Preset",
     "SafeDataset",
+    "StoreCrops",
+    "StoreSpec",
     "case_id",
     "center_transforms",
     "load_datalist",
@@ -16,5 +19,8 @@ __all__ = [
     "make_dataset",
     "make_preset",
     "preprocess",
+    "preprocess_config",
+    "preprocess_store",
     "pretrain_transforms",
+    "store_for",
 ]

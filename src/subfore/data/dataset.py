@@ -55,6 +55,11 @@ class SafeDataset(TorchDataset):
     def __len__(self) -> int:
         return len(self.inner)
 
+    def draw(self, index: int, seed: int):
+        """Item ``index`` with the random transforms seeded from ``seed`` (step-indexed training draws)."""
+        self.inner.transform.set_random_state(seed=seed)
+        return self[index]
+
     def __getitem__(self, index: int):
         n = len(self.inner)
         for attempt in range(n):
