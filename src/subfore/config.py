@@ -208,6 +208,15 @@ class PretrainConfig(Strict):
     def _defaults(self) -> "PretrainConfig":
         return fill_lr_check_batch(self, DEFAULT_LR)
 
+    def foreground_threshold(self) -> float | str:
+        """λ as pretraining applies it: in the preset's normalised units (a HU value converted), or "otsu"."""
+        thr = self.masking.threshold_kwargs()
+        try:
+            threshold, _ = self.data.preset_obj().foreground_threshold(thr.get("threshold"), thr.get("threshold_hu"))
+        except ValueError as exc:
+            raise ConfigError(f"masking.threshold {self.masking.threshold!r}: {exc}") from None
+        return threshold if isinstance(threshold, str) else float(threshold)
+
 
 def fill_lr_check_batch(cfg, lr_by_model: dict[str, float]):
     """Default ``optim.lr`` per backbone; ``train.batch_size`` counts crops, so it must split into whole volumes."""

@@ -19,7 +19,6 @@ from .config import PretrainConfig
 from .data.datalist import load_datalists
 from .data.dataset import load_item
 from .data.transforms import pretrain_transforms
-from .errors import SubforeError
 from .masking import foreground_grid
 from .masking.grid import exact_count
 
@@ -39,11 +38,7 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
     d, mk = cfg.data, cfg.masking
     items = load_datalists(datalist, d.train_split)
     preset = d.preset_obj()
-    thr = mk.threshold_kwargs()
-    try:  # λ exactly as pretraining resolves it (HU through the preset's normalisation)
-        threshold, _ = preset.foreground_threshold(thr.get("threshold"), thr.get("threshold_hu"))
-    except ValueError as exc:
-        raise SubforeError(f"masking.threshold {mk.threshold!r}: {exc}") from None
+    threshold = cfg.foreground_threshold()  # λ exactly as pretraining resolves it
     # Only as many volumes as there are crops to draw: a datalist of 10k CTs is not read whole for 64 crops.
     g = torch.Generator().manual_seed(seed)
     items = [items[i] for i in torch.randperm(len(items), generator=g)[:crops].tolist()]

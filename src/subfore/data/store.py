@@ -177,15 +177,8 @@ def store_for(cfg) -> StoreSpec:
     d, mk = cfg.data, cfg.masking
     if d.cache_dir is None:
         raise SubforeError("data.cache_dir is null: the store needs a folder (set data.cache_dir)")
-    preset = d.preset_obj()
-    thr = mk.threshold_kwargs()
-    try:  # λ exactly as pretraining resolves it (HU through the preset's normalisation)
-        threshold, _ = preset.foreground_threshold(thr.get("threshold"), thr.get("threshold_hu"))
-    except ValueError as exc:
-        raise SubforeError(f"masking.threshold {mk.threshold!r}: {exc}") from None
-    threshold = threshold if isinstance(threshold, str) else float(threshold)
-    return StoreSpec.under(d.cache_dir, preset, d.store_dtype, roi=tuple(d.roi), threshold=threshold,
-                           subvolume=mk.subvolume_size)
+    return StoreSpec.under(d.cache_dir, d.preset_obj(), d.store_dtype, roi=tuple(d.roi),
+                           threshold=cfg.foreground_threshold(), subvolume=mk.subvolume_size)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -392,7 +385,7 @@ def preprocess_store(spec: StoreSpec, items: Sequence[dict], *, workers: int = 1
                 if not skip_bad:
                     error = err
                     break
-                log.warning("skipping unreadable volume (--skip-bad): %s", err)
+                log.warning("skipping unreadable volume (--skip-bad or data.skip_bad): %s", err)
         finally:
             bar.close()
     write_manifest(spec)
