@@ -48,12 +48,11 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 def source_signature(item: dict, key: str = "image") -> dict:
     """Size (bytes) and newest mtime (ns) over the files of ``item[key]`` (image channels, DICOM folders)."""
     size, mtime = 0, 0
-    for key in (key,):
-        for p in map(Path, _as_list(item.get(key))):
-            files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
-            for f in files:
-                st = f.stat()
-                size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    for p in map(Path, _as_list(item.get(key))):
+        files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
+        for f in files:
+            st = f.stat()
+            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
     return {"size": size, "mtime_ns": mtime}
 
 
@@ -462,20 +461,11 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm  # Lightning's own progress-bar dependency
 
-    return tqdm(total=total, desc=desc, unit="vol", dynamic_ncols=True, disable=None)  # None: only on a terminal
+    # disable=None: shown on a terminal only, so logs and piped stderr keep one line per error.
+    return tqdm(total=total, desc=desc, unit="vol", dynamic_ncols=True, disable=None if enabled else True)
 
 
 def wait_for_store(spec: StoreSpec, items: Sequence[dict], skip_bad: bool, poll_s: float = 2.0,
