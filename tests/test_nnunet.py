@@ -198,12 +198,13 @@ def test_every_masking_strategy_trains_resenc(nn, strategy, extra):
 
 def test_resenc_l_is_nnssls_network_and_takes_the_teacher_strategies():
     from subfore.masking import foreground_grid
-    from subfore.models import build_backbone, check_roi
+    from subfore.config import ModelConfig
+    from subfore.models import build_backbone, resolve_backbone
     from subfore.pretrain import MaskedImageModel
 
     with pytest.raises(ConfigError, match=r"downsamples by \[32, 32, 32\].*e\.g\. \[64, 64, 64\]"):
-        check_roi("resenc_l", (32, 32, 32))
-    net = build_backbone("resenc_l", 1, 1, (64, 64, 64))
+        resolve_backbone(ModelConfig(name="resenc_l")).check_roi((32, 32, 32))
+    net = build_backbone(ModelConfig(name="resenc_l"), 1, 1, (64, 64, 64))
     stages = net.encoder.stages
     assert type(net).__name__ == "ResidualEncoderUNet" and len(stages) == 6
     assert [len(s.blocks) for s in stages] == [1, 3, 4, 6, 6, 6] and net.encoder.output_channels == [32, 64, 128, 256,

@@ -121,9 +121,8 @@ def parse(argv: list[str]) -> dict:
     """The command's parameters exactly as the CLI parses them (click underneath typer)."""
     import typer.main
 
-    from subfore.cli import _register_optional_commands, app
+    from subfore.cli import app
 
-    _register_optional_commands()
     group = typer.main.get_command(app)
     args = [a for a in argv if a != "--debug"]
     with group.make_context("subfore", list(args), resilient_parsing=True) as ctx:

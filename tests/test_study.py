@@ -35,17 +35,16 @@ def micro(phantom_dir, tmp_path, **study_keys) -> dict:
 
 
 def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, tmp_path, monkeypatch):
-    import subfore.evaluate
-    import subfore.study as mod
+    import subfore.study.run as mod
 
     tree = micro(phantom_dir, tmp_path)
     test_image = json.loads((phantom_dir / "dataset.json").read_text())["validation"][0]["image"]
     tree["study"]["pretrain_data"].append(str(phantom_dir / test_image))  # the test case, pretrained on too
     cfg = load_config(None, [], StudyConfig, base=tree)
     # Scoring runs on the device the finetuning trained on (train.accelerator), not always the CPU.
-    devices, real_evaluate = [], subfore.evaluate.evaluate
+    devices, real_evaluate = [], mod.evaluate
     monkeypatch.setattr(mod, "device_for", lambda accelerator: f"as-trained:{accelerator}")
-    monkeypatch.setattr(subfore.evaluate, "evaluate",
+    monkeypatch.setattr(mod, "evaluate",
                         lambda *a, device, **k: devices.append(device) or real_evaluate(*a, device="cpu", **k))
     out = study(cfg)
     assert devices == ["as-trained:auto"] * 2

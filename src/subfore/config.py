@@ -13,9 +13,13 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .data.phantoms import BTCV_NAMES
+from .data.plans import preset_from_plans
 from .data.presets import Preset
 from .errors import ConfigError
-from .masking import REGISTRY
+from .io import write_text
+from .masking import REGISTRY, Window
+from .models.registry import BACKBONES
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -50,20 +54,19 @@ class DataConfig(Strict):
     num_workers: int = Field(2, ge=0)
     skip_bad: bool = False
     phantoms: PhantomSource | None = None
-    # (plans, configuration) behind preset nnunet: the model section names them; set by the run config's validator.
-    _nnunet: tuple[str, str] | None = PrivateAttr(None)
+    # The preset behind preset nnunet, read from the plans the model section names by the run config's validator.
+    _nnunet: Preset | None = PrivateAttr(None)
 
     def link_plans(self, plans: str, configuration: str) -> None:
-        self._nnunet = (str(plans), configuration)
+        """Read the plans' preprocessing once (data.preset nnunet): spacing, normalisation, axis order."""
+        self._nnunet = preset_from_plans(str(plans), configuration, channels=self.channels)
 
     def preset_obj(self) -> Preset:
         if self.preset == "nnunet":
             # The plans decide spacing and intensities; data.spacing and data.window do not apply.
-            from .nnunet import preset_from_plans
-
             if self._nnunet is None:
                 raise ConfigError("data.preset nnunet needs model.nnunet_plans (the nnU-Net plans JSON)")
-            return preset_from_plans(*self._nnunet, channels=self.channels)
+            return self._nnunet
         extra: dict[str, Any] = {"modality": self.preset, "channels": self.channels}
         if self.spacing:
             extra["spacing"] = self.spacing
@@ -81,7 +84,7 @@ class PretrainData(DataConfig):
 
 
 class ModelConfig(Strict):
-    name: Literal["swinunetr", "unetr", "basicunet", "resenc", "resenc_l"] = "swinunetr"
+    name: Literal[tuple(BACKBONES)] = "swinunetr"  # type: ignore[valid-type]
     feature_size: int = Field(48, ge=1)
     use_v2: bool = True
     checkpointing: bool = Field(False, description="gradient checkpointing (SwinUNETR): less memory, more time")
@@ -147,7 +150,8 @@ class MaskingConfig(Strict):
 
 
 class OptimConfig(Strict):
-    lr: float | None = Field(None, gt=0, description="default: 8e-4 SwinUNETR, 1e-4 UNETR, 1e-3 BasicUNet")
+    lr: float | None = Field(None, gt=0, description="default: the backbone's pretraining lr (models/registry.py: "
+                             "8e-4 SwinUNETR, 1e-4 UNETR, 1e-3 BasicUNet)")
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
@@ -189,9 +193,6 @@ class ProbeSettings(Strict):
     every: int = Field(0, ge=0, description="pretraining only: probe every N steps (0: at the end only)")
 
 
-DEFAULT_LR = {"swinunetr": 8e-4, "unetr": 1e-4, "basicunet": 1e-3, "resenc": 1e-3, "resenc_l": 1e-3}
-
-
 class PretrainConfig(Strict):
     """Everything ``subfore pretrain`` needs; see configs/pretrain/*.yaml."""
 
@@ -206,29 +207,135 @@ class PretrainConfig(Strict):
 
     @model_validator(mode="after")
     def _defaults(self) -> "PretrainConfig":
-        return fill_lr_check_batch(self, DEFAULT_LR)
+        return fill_lr_check_batch(self, "pretrain_lr")
 
-    def foreground_threshold(self) -> float | str:
-        """λ as pretraining applies it: in the preset's normalised units (a HU value converted), or "otsu"."""
+    def foreground_threshold(self) -> tuple[float | str, Window | None]:
+        """λ as pretraining applies it, in the preset's normalised units (a HU value converted) or "otsu", and the
+        window λ was range-checked against (None for nnU-Net's z-scores)."""
         thr = self.masking.threshold_kwargs()
         try:
-            threshold, _ = self.data.preset_obj().foreground_threshold(thr.get("threshold"), thr.get("threshold_hu"))
+            threshold, window = self.data.preset_obj().foreground_threshold(thr.get("threshold"),
+                                                                            thr.get("threshold_hu"))
         except ValueError as exc:
             raise ConfigError(f"masking.threshold {self.masking.threshold!r}: {exc}") from None
-        return threshold if isinstance(threshold, str) else float(threshold)
+        return (threshold if isinstance(threshold, str) else float(threshold)), window
 
 
-def fill_lr_check_batch(cfg, lr_by_model: dict[str, float]):
-    """Default ``optim.lr`` per backbone; ``train.batch_size`` counts crops, so it must split into whole volumes."""
+def fill_lr_check_batch(cfg, lr_kind: str):
+    """Default ``optim.lr`` per backbone (its registry entry's ``lr_kind``); ``train.batch_size`` counts crops, so it
+    must split into whole volumes; link the plans behind ``data.preset: nnunet``."""
     if cfg.optim.lr is None:
-        cfg.optim.lr = lr_by_model[cfg.model.name]
+        cfg.optim.lr = getattr(BACKBONES[cfg.model.name], lr_kind)
     if cfg.train.batch_size % cfg.data.samples_per_volume:
         raise ValueError(f"train.batch_size ({cfg.train.batch_size}) counts crops and must be a multiple of "
                          f"data.samples_per_volume ({cfg.data.samples_per_volume})")
-    from .nnunet import link_config
-
-    link_config(cfg)  # data.preset nnunet reads model.nnunet_plans
+    link_config(cfg)
     return cfg
+
+
+def link_config(cfg) -> None:
+    """Cross-section settings of a run config: the plans behind ``data.preset: nnunet`` and its default λ.
+
+    The default foreground threshold under this preset is "-132.5 HU" (the papers' λ = 0.1 in their −175…250 HU
+    window) for CTNormalization, 'otsu' for the other schemes; it is written into the config, so config.yaml
+    and resumed runs keep it.
+    """
+    data, model = cfg.data, cfg.model
+    if data.preset != "nnunet":
+        return
+    if not model.nnunet_plans:
+        raise ConfigError("data.preset nnunet takes the spacing and normalisation from model.nnunet_plans: set it "
+                          "to the nnU-Net plans JSON")
+    data.link_plans(model.nnunet_plans, model.nnunet_configuration)
+    masking = getattr(cfg, "masking", None)
+    if masking is not None and "threshold" not in masking.model_fields_set:
+        masking.threshold = "-132.5 HU" if data.preset_obj().window is not None else "otsu"
+
+
+# --- finetuning ---------------------------------------------------------------------------------------
+class FinetuneData(DataConfig):
+    spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)
+    samples_per_volume: int = Field(4, ge=1)
+    label_map: dict[int, int] | None = Field(None, description="{src_id: dst_id}; unlisted ids become 0")
+    regions: Literal["brats"] | None = Field(None, description="brats: labels → TC/WT/ET channels, sigmoid outputs")
+    brats_labels: Literal["msd", "brats"] | None = Field(
+        None, description="label ids with regions: brats. msd: MSD Task01 (1 ED, 2 NET, 3 ET); brats: BraTS "
+        "2018-2021 (1 NCR, 2 ED, 4 ET); unset: from the label names in dataset.json")
+    limit_train: int | None = Field(None, ge=1, description="use only the first N training cases (label-efficient)")
+    holdout: int | None = Field(None, ge=1, description="validate on the last N cases of data.train (not trained on) "
+                                "instead of data.val")
+    foreground_crop: bool = True
+    crop: Literal["posneg", "classes"] = Field(
+        "posneg", description="posneg: half the crops centred on foreground (BTCV recipe); "
+        "classes: centres drawn evenly over the label classes, so small organs are seen as often as the liver")
+
+
+class SegModelConfig(ModelConfig):
+    out_channels: int = Field(14, ge=1, description="classes incl. background (or regions with data.regions)")
+    class_names: list[str] | None = None
+
+
+class FinetuneOptions(Strict):
+    pretrained: str | None = None
+    adapt_in_channels: Literal["repeat", "reinit"] = "repeat"
+    min_encoder_loaded: float = Field(0.9, ge=0, le=1, description="refuse pretrained weights that fill less than "
+                                      "this share of the encoder's tensors (0 accepts any partial load)")
+    sw_overlap: float = Field(0.5, ge=0, lt=1)
+    sw_batch_size: int = Field(4, ge=1)
+    select: Literal["best", "last"] | None = Field(
+        None, description="best: the checkpoint of highest validation Dice (needs data.val or data.holdout); "
+        "last: the final weights; unset: best when there is a validation set, else last")
+
+
+class FinetuneOptim(OptimConfig):
+    lr: float | None = Field(None, gt=0, description="default: the backbone's finetuning lr (models/registry.py: "
+                             "1e-3 SwinUNETR, 3e-4 UNETR, 1e-3 BasicUNet)")
+    weight_decay: float = Field(1e-5, ge=0)
+
+
+class FinetuneTrainConfig(TrainConfig):
+    batch_size: int = Field(8, ge=1, description="crops per step: 2 volumes × 4 crops (the seed's batch 2)")
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class FinetuneConfig(Strict):
+    """Everything ``subfore finetune`` needs; see configs/finetune/*.yaml."""
+
+    run_dir: str = "runs/finetune"
+    seed: int = 0
+    data: FinetuneData
+    model: SegModelConfig = Field(default_factory=SegModelConfig)
+    finetune: FinetuneOptions = Field(default_factory=FinetuneOptions)
+    optim: FinetuneOptim = Field(default_factory=FinetuneOptim)
+    train: FinetuneTrainConfig = Field(default_factory=FinetuneTrainConfig)
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "FinetuneConfig":
+        fill_lr_check_batch(self, "finetune_lr")
+        if self.data.holdout and self.data.val:
+            raise ValueError("data.holdout and data.val both name a validation set; keep one")
+        if self.finetune.select is None:
+            self.finetune.select = "best" if (self.data.val or self.data.holdout) else "last"
+        elif self.finetune.select == "best" and not (self.data.val or self.data.holdout):
+            raise ValueError("finetune.select 'best' needs a validation set (data.val or data.holdout); "
+                             "or set finetune.select: last")
+        if self.model.class_names and len(self.model.class_names) != self.model.out_channels:
+            raise ValueError(f"model.class_names has {len(self.model.class_names)} names for "
+                             f"{self.model.out_channels} output channels")
+        return self
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.data.regions is not None
+
+    def class_names(self) -> list[str]:
+        if self.model.class_names:
+            return list(self.model.class_names)
+        if self.data.regions == "brats":
+            return ["TC", "WT", "ET"]
+        if self.model.out_channels == 14:
+            return [BTCV_NAMES[i] for i in range(14)]
+        return ["background"] + [f"class_{i}" for i in range(1, self.model.out_channels)]
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -295,8 +402,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(p)
+    write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

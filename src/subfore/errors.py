@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 
@@ -35,3 +36,14 @@ def root_message(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     msg = text[0] if text else ""
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def source_name(data: Mapping, key: Hashable) -> str:
+    """The file a (loaded or not yet loaded) item came from, for error messages."""
+    value = data.get(key)
+    meta = getattr(value, "meta", None)
+    if meta and "filename_or_obj" in meta:
+        return str(meta["filename_or_obj"])
+    if isinstance(value, (list, tuple)):
+        return str(value[0])
+    return str(value)

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
+from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 from monai.transforms import Compose, Invertd, LoadImaged
 
-from .data.brats import convention_of, from_regions
+from .data.brats import convention_of
 from .data.datalist import case_id, load_datalists
 from .data.dataset import load_item
-from .data.transforms import preprocess
+from .data.transforms import label_transforms
 from .errors import DataError, SubforeError
-from .finetune import eval_transforms, label_transforms, load_finetuned, predict_volume
+from .inference import eval_transforms, load_finetuned, predict, predict_volume  # noqa: F401 - predict re-exported
+from .io import write_json
+from .report import bar_chart, dice_per_class, markdown_table
 
 ABSENT_RULE = ("a class absent from a case's ground truth is excluded from that case's Dice and NSD and from their "
                "means (reported as null), not counted as 0 or 1")
@@ -43,7 +43,7 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, n_classes: int, spacin
         p = F.one_hot(pred[:, 0].long(), n_classes).permute(0, 4, 1, 2, 3).float()
         y = F.one_hot(label[:, 0].long(), n_classes).permute(0, 4, 1, 2, 3).float()
     bg = regions  # include_background for regions (every channel is a class)
-    dice = DiceMetric(include_background=bg, reduction="none", ignore_empty=True)(p, y)[0]
+    dice = dice_per_class(pred, label, n_classes, regions)[0]
     n = p.shape[1] - (0 if bg else 1)
     nsd = SurfaceDiceMetric([tolerance_mm] * n, include_background=bg, reduction="none")(p, y, spacing=list(spacing))[0]
     absent = y[0, (0 if bg else 1):].flatten(1).sum(1) == 0
@@ -105,7 +105,8 @@ def evaluate(
     transform = eval_transforms(cfg, preset)
     if grid == "label":
         invert = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True)
-        raw_label = Compose([LoadImaged("label", image_only=True, ensure_channel_first=True), *label_transforms(cfg)])
+        raw_label = Compose([LoadImaged("label", image_only=True, ensure_channel_first=True), *label_transforms(cfg.data.label_map, cfg.data.regions, cfg.data.brats_labels,
+                                                         cfg.model.out_channels)])
     names = cfg.class_names()
     scored = names if cfg.sigmoid else names[1:]
     roi = roi or cfg.data.roi
@@ -141,11 +142,7 @@ def evaluate(
         "spacing_mm": list(preset.array_spacing) if grid == "resampled" else "each label's own",
         "absent_class_rule": ABSENT_RULE, **({"hd95_rule": HD95_RULE} if hd95 else {}), "cases": cases, "mean": mean,
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    out = write_json(out, result)
     write_table([result], out.with_suffix(".md"))
     plot_bars([result], out.with_suffix(".png"))
     return result
@@ -154,98 +151,15 @@ def evaluate(
 def write_table(results: list[dict], path: Path, metric: str = "dice") -> str:
     """Methods × classes Markdown table of mean ``metric`` (%), best per column in bold, like the seeds' tables."""
     classes = results[0]["classes"]
-    rows = [[r["mean"][metric].get(c) for c in classes] + [r["mean"][f"mean_{metric}"]] for r in results]
-    best = [max((v for v in col if v is not None), default=None) for col in zip(*rows)]
-    fmt = lambda v, b: "–" if v is None else (f"**{100 * v:.2f}**" if len(rows) > 1 and v == b else f"{100 * v:.2f}")  # noqa: E731
-    lines = [f"| method | {' | '.join(classes)} | **AVG** |", "|" + "---|" * (len(classes) + 2)]
-    for r, row in zip(results, rows):
-        lines.append(f"| {r['method']} | " + " | ".join(fmt(v, b) for v, b in zip(row, best)) + " |")
-    text = f"{metric.upper()} (%), {ABSENT_RULE}.\n\n" + "\n".join(lines) + "\n"
-    path.write_text(text)
+    fmt = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    rows = [(r["method"], [(v, fmt(v)) for v in [r["mean"][metric].get(c) for c in classes] + [r["mean"][f"mean_{metric}"]]])
+            for r in results]
+    text = f"{metric.upper()} (%), {ABSENT_RULE}.\n\n" + "\n".join(markdown_table("method", [*classes, "**AVG**"], rows)) + "\n"
+    Path(path).write_text(text)
     return text
 
 
 def plot_bars(results: list[dict], path: Path) -> None:
     """Per-class mean Dice bars, one colour per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     classes = results[0]["classes"]
-    width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) * len(results) + 2), 4))
-    for i, r in enumerate(results):
-        vals = [r["mean"]["dice"].get(c) or 0.0 for c in classes]
-        ax.bar(np.arange(len(classes)) + i * width, vals, width, label=r["method"])
-    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right")
-    ax.set_ylabel("Dice")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def predict(
-    checkpoint: str | Path,
-    inputs: Sequence[str | Path],
-    out_dir: str | Path,
-    roi: Sequence[int] | None = None,
-    overlap: float | None = None,
-    sw_batch_size: int | None = None,
-    device: str = "cpu",
-    precision: str = "32",
-) -> list[Path]:
-    """Write one label NIfTI per input on the input's own grid (shape, affine, orientation) plus an overlay PNG."""
-    cfg, net = load_finetuned(checkpoint, device)
-    preset = cfg.data.preset_obj()
-    pre = Compose(preprocess(preset, ["image"]))
-    invert = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for item in load_datalists(list(inputs), "training"):
-        d = load_item(pre, item)
-        image = d["image"]
-        pred = predict_volume(net, torch.as_tensor(image)[None].float(), roi or cfg.data.roi,
-                              overlap if overlap is not None else cfg.finetune.sw_overlap,
-                              sw_batch_size or cfg.finetune.sw_batch_size, cfg.sigmoid, precision).cpu()[0]
-        if cfg.sigmoid:  # TC/WT/ET → the label ids of the convention the network was trained on
-            pred = from_regions(pred, cfg.data.brats_labels or "msd")
-        # Invertd replays the image's recorded operations backwards onto the prediction.
-        d["pred"] = MetaTensor(pred.float(), meta=image.meta, applied_operations=image.applied_operations)
-        restored = invert(d)["pred"]
-        labels = np.asarray(restored[0]).round().astype(np.uint8)
-        affine = np.asarray(restored.affine, dtype=np.float64)
-        name = case_id(item)
-        path = out_dir / f"{name}_seg.nii.gz"
-        tmp = out_dir / f".{name}_seg.tmp.nii.gz"
-        nib.save(nib.Nifti1Image(labels, affine), tmp)
-        tmp.replace(path)
-        _overlay(np.asarray(image[0]), np.asarray(pred[0]), out_dir / f"{name}_overlay.png", name)
-        written.append(path)
-    if not written:
-        raise SubforeError("no input image found")
-    return written
-
-
-def _overlay(image: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .visualize import mid_planes
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
-    for ax, (plane, sl), (_, lab) in zip(axes, mid_planes(image), mid_planes(labels)):
-        ax.imshow(sl, cmap="gray", origin="lower", vmin=0, vmax=1)
-        ax.imshow(np.ma.masked_where(lab == 0, lab), cmap="tab20", vmin=0, vmax=19, alpha=0.5, origin="lower",
-                  interpolation="nearest")
-        ax.set_title(plane)
-        ax.set_axis_off()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    bar_chart(path, classes, [(r["method"], [r["mean"]["dice"].get(c) for c in classes]) for r in results], "Dice")

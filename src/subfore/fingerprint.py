@@ -8,19 +8,17 @@ When f is near 1 for most crops, the two strategies hand the network almost the 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from monai.utils import set_determinism
 
 from .config import PretrainConfig
 from .data.datalist import load_datalists
-from .data.dataset import load_item
-from .data.transforms import pretrain_transforms
+from .io import save_figure, write_json
 from .masking import foreground_grid
 from .masking.grid import exact_count
+from .pretrain.data import crop_volumes, resolve
 
 
 def crop_shares(crops: torch.Tensor, size: int, threshold, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,15 +34,17 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
                 seed: int = 0) -> dict:
     """Sample ``crops`` random training crops of ``datalist``; write DIR/fingerprint.json and foreground_share.png."""
     d, mk = cfg.data, cfg.masking
+    plan = resolve(cfg, read_data=False)  # preset and λ exactly as pretraining resolves them
     items = load_datalists(datalist, d.train_split)
-    preset = d.preset_obj()
-    threshold = cfg.foreground_threshold()  # λ exactly as pretraining resolves it
+    preset, threshold = plan.preset, plan.threshold
     # Only as many volumes as there are crops to draw: a datalist of 10k CTs is not read whole for 64 crops.
     g = torch.Generator().manual_seed(seed)
     items = [items[i] for i in torch.randperm(len(items), generator=g)[:crops].tolist()]
     per_volume = max(1, math.ceil(crops / len(items)))
     shares, masked = [], []
-    for sample in _crops(cfg, items, per_volume, seed):
+    volumes = crop_volumes(plan, items, per_volume)
+    samples = (torch.as_tensor(sample["image"]) for i in range(len(volumes)) for sample in volumes.draw(i, seed + i))
+    for sample in samples:
         f, m = crop_shares(sample[None].float(), mk.subvolume_size, threshold, mk.ratio)
         shares.append(float(f[0]))
         masked.append(float(m[0]))
@@ -63,35 +63,9 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
         "fallback_share": round(sum(v == 0 for v in shares) / len(shares), 6),
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".fingerprint.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / "fingerprint.json")
+    write_json(out / "fingerprint.json", result)
     _histogram(result, out / "foreground_share.png")
     return result
-
-
-def _crops(cfg: PretrainConfig, items: list[dict], per_volume: int, seed: int):
-    """``per_volume`` random training crops (C, *roi) of each item, as pretraining cuts them: from the store under
-    ``data.cache_dir`` (built first where it lacks these volumes), else straight from the files."""
-    d = cfg.data
-    if d.cache_dir is not None:
-        from .data.store import StoreCrops, preprocess_store, records_for, store_for
-
-        spec = store_for(cfg)
-        preprocess_store(spec, items, workers=max(1, d.num_workers), skip_bad=d.skip_bad, progress=False)
-        crops = StoreCrops(spec, records_for(spec, items, d.skip_bad), d.roi, per_volume, d.crop)
-        for i in range(len(crops)):
-            for sample in crops.draw(i, seed + i):
-                yield sample["image"]
-        return
-    transform = pretrain_transforms(d.preset_obj(), d.roi, per_volume)
-    set_determinism(seed)  # the crops' positions are part of the fingerprint: same seed, same crops
-    transform.set_random_state(seed)
-    for item in items:
-        for sample in load_item(transform, item):
-            yield torch.as_tensor(sample["image"])
-    set_determinism(None)
 
 
 def summary_line(result: dict) -> str:
@@ -116,5 +90,4 @@ def _histogram(result: dict, path: Path) -> None:
                  f"random {result['expected_masked_share']['random']:.2f}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -21,24 +21,20 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 from torch import nn
 
-from .config import ProbeSettings
+from .config import ModelConfig, ProbeSettings
 from .data.datalist import load_datalists
 from .data.dataset import load_item
 from .data.presets import Preset
-from .data.transforms import preprocess
+from .data.transforms import preprocess, remap_labels
 from .errors import DataError, SubforeError
-from .models import HEAD_PREFIX, build_backbone
+from .io import read_jsonl, save_figure, write_json, write_text
+from .models.artifact import read_encoder
+from .models.registry import backbone_spec, build_backbone
+from .report import bar_chart, dice_per_class
 
 # Bumped whenever the probe's protocol changes its numbers; a study recomputes probes of another version.
 PROBE_VERSION = 2
 ABSENT = "a class absent from a case's ground truth is excluded from that case's Dice and from the means"
-
-
-def _head_module(net: nn.Module, name: str) -> nn.Module:
-    module = net.get_submodule(HEAD_PREFIX[name].rstrip("."))
-    if isinstance(module, (nn.ModuleList, nn.Sequential)) and name.startswith("resenc"):
-        module = module[-1]  # nnU-Net's seg_layers: the full-resolution one is last
-    return module
 
 
 class FeatureExtractor(nn.Module):
@@ -48,23 +44,13 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self._seen: torch.Tensor | None = None
-        _head_module(net, name).register_forward_hook(lambda m, args, out: setattr(self, "_seen", args[0]))
+        backbone_spec(name).head_module(net).register_forward_hook(lambda m, args, out: setattr(self, "_seen", args[0]))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.net(x)
         seen, self._seen = self._seen, None
         return seen.float()
-
-
-def _remap(label: torch.Tensor, mapping: dict[int, int] | None) -> torch.Tensor:
-    label = label.round().long().clamp_min(0)
-    if not mapping:
-        return label
-    lut = torch.zeros(max(int(label.max()), max(mapping)) + 1, dtype=torch.long)
-    for src, dst in mapping.items():
-        lut[int(src)] = int(dst)
-    return lut[label]
 
 
 def extract(extractor: nn.Module, item: dict, preset: Preset, roi, settings: ProbeSettings,
@@ -74,7 +60,8 @@ def extract(extractor: nn.Module, item: dict, preset: Preset, roi, settings: Pro
     image = torch.as_tensor(d["image"])[None].float().to(device)
     feats = sliding_window_inference(image, list(roi), settings.sw_batch_size, extractor, overlap=0.25,
                                      mode="gaussian", sw_device=device, device="cpu")
-    label = _remap(torch.as_tensor(d["label"])[0], settings.label_map)
+    label = torch.as_tensor(d["label"])[0]
+    label = remap_labels(label, settings.label_map) if settings.label_map else label.round().long().clamp_min(0)
     return torch.as_tensor(feats)[0].flatten(1).T.contiguous(), label.flatten()
 
 
@@ -114,13 +101,10 @@ def fit_linear(train: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int,
 
 
 def dice_counts(pred: torch.Tensor, label: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(classes 1…K-1, [Dice, present]) for one volume; Dice 0 where the class is absent (then present = 0)."""
-    out = torch.zeros(n_classes - 1, 2, dtype=torch.float64)
-    for c in range(1, n_classes):
-        g, p = label == c, pred == c
-        if g.any():
-            out[c - 1] = torch.tensor([float(2 * (g & p).sum() / (g.sum() + p.sum())), 1.0])
-    return out
+    """(classes 1…K-1, [Dice, present]) for one volume's voxels (N,); Dice 0 where the class is absent."""
+    dice = dice_per_class(pred.view(1, 1, -1), label.view(1, 1, -1), n_classes)[0].double()
+    present = torch.isfinite(dice)
+    return torch.stack([dice.nan_to_num(0.0), present.double()], 1)
 
 
 def _summary(dice: list[float], names: list[str]) -> dict[str, Any]:
@@ -132,8 +116,9 @@ def _summary(dice: list[float], names: list[str]) -> dict[str, Any]:
 class Probe:
     """The probe's data, read once; ``run(net)`` scores any network of the architecture it was built for."""
 
-    def __init__(self, settings: ProbeSettings, model: dict, in_channels: int, roi, preset: Preset,
+    def __init__(self, settings: ProbeSettings, model: ModelConfig | dict, in_channels: int, roi, preset: Preset,
                  device: str | torch.device = "cpu") -> None:
+        model = ModelConfig.model_validate(model) if isinstance(model, dict) else model
         self.settings, self.model, self.in_channels, self.roi, self.preset = settings, model, in_channels, roi, preset
         self.device = torch.device(device)
         self.train_items = load_datalists(settings.data, settings.split)[: settings.limit]
@@ -160,10 +145,7 @@ class Probe:
         """A fresh network of the architecture (seeded: the baseline's random init is fixed too)."""
         if seed is not None:
             torch.manual_seed(seed)
-        m = self.model
-        keys = ("feature_size", "use_v2", "hidden_size", "mlp_dim", "num_heads", "nnunet_plans", "nnunet_configuration")
-        return build_backbone(m["name"], self.in_channels, self.in_channels, self.roi,
-                              **{k: m[k] for k in keys if k in m})
+        return build_backbone(self.model, self.in_channels, self.in_channels, self.roi)
 
     def run(self, net: nn.Module) -> dict[str, Any]:
         """Frozen features of ``net`` → fitted head → {'mean_dice', 'dice': {class: value}} on the test volumes.
@@ -171,7 +153,7 @@ class Probe:
         Training volumes contribute at most ``voxels`` per class each; test volumes are scored one at a time, so
         memory holds one volume's features.
         """
-        extractor = FeatureExtractor(net.to(self.device), self.model["name"])
+        extractor = FeatureExtractor(net.to(self.device), self.model.name)
         g = torch.Generator().manual_seed(self.settings.seed)
         train = [subsample(*extract(extractor, item, self.preset, self.roi, self.settings, self.device),
                            self.settings.voxels, g) for item in self.train_items]
@@ -190,57 +172,34 @@ class Probe:
         return self.run(self.network(seed=self.settings.seed))
 
 
-def load_encoder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(encoder.json, the encoder's state_dict) from RUN_DIR/encoder.pt."""
-    path = Path(path)
-    meta_path = path.with_name("encoder.json")
-    if not path.is_file():
-        raise SubforeError(f"{path}: no such encoder (pretraining writes RUN_DIR/encoder.pt)")
-    if not meta_path.is_file():
-        raise SubforeError(f"{meta_path}: missing; the probe reads the architecture from the encoder.json beside "
-                           f"{path.name}")
-    try:
-        meta = json.loads(meta_path.read_text())
-        meta["model"]["name"], meta["in_channels"], meta["roi"], meta["preset"]  # noqa: B018 - what the probe reads
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise SubforeError(f"{meta_path}: not an encoder.json written by subfore pretrain "
-                           f"({type(exc).__name__}: {exc})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise SubforeError(f"{path}: not a readable encoder ({type(exc).__name__})") from None
-    return meta, state
+def load_into(net: nn.Module, state: dict[str, torch.Tensor], name: str, source: str | Path) -> None:
+    """Load an encoder state into ``net`` of family ``name``: everything but the output layer must fit."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    head = backbone_spec(name).head
+    if unexpected or any(not k.startswith(head) for k in missing):
+        bad = (unexpected or [k for k in missing if not k.startswith(head)])[0]
+        raise SubforeError(f"{source}: does not fit the architecture of its encoder.json (e.g. {bad})")
 
 
 def probe_encoder(encoder: str | Path, settings: ProbeSettings, out: str | Path, device: str = "cpu") -> dict:
     """Probe ``encoder`` (with its encoder.json) and the random-init baseline; write probe.json, .md and .png."""
-    meta, state = load_encoder(encoder)
-    preset = Preset.model_validate(meta["preset"])
-    probe = Probe(settings, meta["model"], meta["in_channels"], meta["roi"], preset, device)
+    meta, state = read_encoder(encoder)
+    probe = Probe(settings, meta.model, meta.in_channels, meta.roi, meta.preset, device)
     net = probe.network(seed=settings.seed)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    head = HEAD_PREFIX[meta["model"]["name"]]
-    if unexpected or any(not k.startswith(head) for k in missing):
-        bad = (unexpected or [k for k in missing if not k.startswith(head)])[0]
-        raise SubforeError(f"{encoder}: does not fit the architecture of its encoder.json (e.g. {bad})")
+    load_into(net, state, meta.name, encoder)
     pretrained = probe.run(net)
     baseline = probe.baseline()
     diff = None if pretrained["mean_dice"] is None or baseline["mean_dice"] is None else \
         round(pretrained["mean_dice"] - baseline["mean_dice"], 6)
     result = {
-        "encoder": str(encoder), "step": meta.get("step"), "pretrained": pretrained, "baseline": baseline,
+        "encoder": str(encoder), "step": meta.step, "pretrained": pretrained, "baseline": baseline,
         "difference": diff, "absent_class_rule": ABSENT,
         "protocol": {"head": "linear 1x1x1 on the output layer's input features (standardised), frozen network",
                      "train_volumes": len(probe.train_items), "test_volumes": len(probe.test_items),
                      **settings.model_dump(mode="json", exclude={"every"})},
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
-    line = markdown_line(result)
-    out.with_suffix(".md").write_text(line + "\n")
+    out = write_json(out, result)
+    write_text(out.with_suffix(".md"), markdown_line(result) + "\n")
     plot(result, out.with_suffix(".png"))
     return result
 
@@ -257,25 +216,10 @@ def markdown_line(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Per-class Dice bars: pretrained beside the random-init baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     names = list(result["pretrained"]["dice"])
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 4))
-    for i, (key, label) in enumerate((("pretrained", "pretrained"), ("baseline", "random init"))):
-        vals = [result[key]["dice"][n] or 0.0 for n in names]
-        ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=f"{label} (mean {result[key]['mean_dice'] or 0:.3f})")
-    ax.set_xticks(x, names, rotation=45, ha="right")
-    ax.set_ylabel("linear-probe Dice (frozen network)")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = [(f"{label} (mean {result[key]['mean_dice'] or 0:.3f})", [result[key]["dice"][n] for n in names])
+              for key, label in (("pretrained", "pretrained"), ("baseline", "random init"))]
+    bar_chart(path, names, series, "linear-probe Dice (frozen network)", group_width=0.35)
 
 
 def plot_curve(metrics: Path, path: Path) -> None:
@@ -285,7 +229,7 @@ def plot_curve(metrics: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in Path(metrics).read_text().splitlines() if x.strip()]
+    rows = read_jsonl(metrics)
     pts = [(r["step"], r["probe_dice"]) for r in rows if r.get("probe_dice") is not None]
     base = next((r["probe_baseline"] for r in rows if r.get("probe_baseline") is not None), None)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -296,5 +240,4 @@ def plot_curve(metrics: Path, path: Path) -> None:
     ax.set_ylabel("linear-probe mean Dice")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +17,7 @@ from .data.dataset import load_item  # noqa: E402
 from .data.presets import Preset  # noqa: E402
 from .data.transforms import center_transforms, preprocess  # noqa: E402
 from .errors import DataError  # noqa: E402
+from .io import save_figure, write_json  # noqa: E402
 from .masking import expand_grid, foreground_grid, make_generator, subvolume_means  # noqa: E402
 from .masking.foreground import parse_threshold  # noqa: E402
 from .masking.grid import otsu_thresholds  # noqa: E402
@@ -27,21 +27,6 @@ def load_crop(image: str | Path, preset: Preset, roi: Sequence[int]) -> torch.Te
     """Preprocess one volume and take its central ROI crop (padded when smaller): (1, C, *roi), normalised."""
     data = load_item(center_transforms(preset, roi), {"image": str(image)})
     return torch.as_tensor(data["image"]).float().unsqueeze(0)
-
-
-def _atomic_savefig(fig, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out)
-
-
-def _atomic_json(obj, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(out)
 
 
 def mid_planes(vol: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -105,9 +90,9 @@ def show_mask(
         f"{Path(image).name}: {strategy} ρ={ratio}, λ={lam:.3f} — {stats['foreground']}/{stats['subvolumes']} "
         f"foreground (cyan), {stats['masked']} masked (red)"
     )
-    _atomic_savefig(fig, Path(out))
+    save_figure(fig, out, dpi=110, bbox_inches="tight")
     if json_out:
-        _atomic_json(stats, Path(json_out))
+        write_json(json_out, stats)
     return stats
 
 
@@ -164,7 +149,7 @@ def analyze(
     ax.set_xlabel("normalised intensity")
     ax.set_ylabel("density")
     ax.legend()
-    _atomic_savefig(fig, out / "intensity.png")
+    save_figure(fig, out / "intensity.png", dpi=110, bbox_inches="tight")
     result = {
         "images": [str(p) for p in images],
         "threshold": threshold,
@@ -176,7 +161,7 @@ def analyze(
         ov, bv = np.concatenate(organ_vals), np.concatenate(bg_vals)
         result["organ_fraction_at_or_above_threshold"] = float((ov >= threshold).mean())
         result["background_fraction_below_threshold"] = float((bv < threshold).mean())
-    _atomic_json(result, out / "analysis.json")
+    write_json(out / "analysis.json", result)
     return result
 
 
@@ -200,4 +185,4 @@ def save_snapshot(views: dict, size: int, out: Path, step: int) -> None:
             if c == 0:
                 ax.text(2, 2, plane, color="yellow", fontsize=8)
     fig.suptitle(f"step {step}: {int(views['mask'].sum())} of {views['mask'].numel()} subvolumes masked")
-    _atomic_savefig(fig, Path(out))
+    save_figure(fig, out, dpi=110, bbox_inches="tight")

@@ -66,14 +66,14 @@ if _spec:
         StepSampler.__iter__ = __iter__
 
     if _step == "start":
-        import subfore.pretrain
+        import subfore.pretrain.run
 
-        _make_trainer = subfore.pretrain.make_trainer
+        _make_trainer = subfore.pretrain.run.make_trainer
 
         def make_trainer(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM if _kind == "sigterm" else signal.SIGUSR1)
             return _make_trainer(*args, **kwargs)
 
-        subfore.pretrain.make_trainer = make_trainer
+        subfore.pretrain.run.make_trainer = make_trainer
     RunModule.on_train_batch_start = on_train_batch_start
     RunModule.note_loss = note_loss

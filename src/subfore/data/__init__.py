@@ -1,4 +1,5 @@
-"""Data layer on MONAI: datalists, presets, transform chains and cached datasets."""
+"""Data layer on MONAI: datalists, presets (and nnU-Net plans), transform chains, datasets, BraTS regions,
+phantoms and the crop store."""
 
 from .datalist import case_id, load_datalist, load_datalists
 from .dataset import SafeDataset, make_dataset

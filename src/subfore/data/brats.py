@@ -17,7 +17,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from ..errors import DataError
+from ..errors import DataError, source_name
 
 # convention → (core id (NCR or NET), edema id, enhancing id)
 CONVENTIONS: dict[str, tuple[int, int, int]] = {"msd": (2, 1, 3), "brats": (1, 2, 4)}
@@ -63,8 +63,6 @@ class BratsRegionsd(MapTransform):
             ids = torch.as_tensor(lab).round().long()
             stray = sorted(set(torch.unique(ids).tolist()) - allowed)
             if stray:  # e.g. BraTS 2023's ET = 3 read as the 'brats' convention: ET would silently be empty
-                from .transforms import source_name
-
                 raise DataError(source_name(d, key), f"label ids {stray} are not in the '{self.convention}' BraTS "
                                                      f"convention ({sorted(allowed - {0})}); set data.brats_labels")
             out = to_regions(ids, self.convention)

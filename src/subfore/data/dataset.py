@@ -11,8 +11,7 @@ from pathlib import Path
 from monai.data import Dataset, PersistentDataset
 from torch.utils.data import Dataset as TorchDataset
 
-from ..errors import DataError, SubforeError, root_message
-from .transforms import source_name
+from ..errors import DataError, SubforeError, root_message, source_name
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,19 +22,9 @@ from monai.transforms import (
     Transposed,
 )
 
-from ..errors import DataError
+from ..errors import DataError, SubforeError, source_name
+from .brats import BratsRegionsd
 from .presets import Preset
-
-
-def source_name(data: Mapping, key: Hashable) -> str:
-    """The file a (loaded or not yet loaded) item came from, for error messages."""
-    value = data.get(key)
-    meta = getattr(value, "meta", None)
-    if meta and "filename_or_obj" in meta:
-        return str(meta["filename_or_obj"])
-    if isinstance(value, (list, tuple)):
-        return str(value[0])
-    return str(value)
 
 
 class CheckVolumed(MapTransform):
@@ -167,3 +157,75 @@ def center_transforms(preset: Preset, roi: Sequence[int], keys: Sequence[str] = 
         preprocess(preset, keys)
         + [SpatialPadd(list(keys), spatial_size=list(roi)), CenterSpatialCropd(list(keys), roi_size=list(roi))]
     )
+
+
+# --- labels ---------------------------------------------------------------------------------------------
+def remap_labels(label: torch.Tensor, mapping: Mapping[int, int]) -> torch.Tensor:
+    """Label ids (any shape) through ``{src: dst}``; ids not listed (and negative ones) become background (0)."""
+    t = torch.as_tensor(label).round().long().clamp_min(0)
+    lut = torch.zeros(max(int(t.max()), max(int(k) for k in mapping)) + 1, dtype=torch.long)
+    for src, dst in mapping.items():
+        lut[int(src)] = int(dst)
+    return lut[t]
+
+
+class RemapLabels:
+    """Array transform: label ids through ``{src: dst}`` (unlisted ids → 0), float32, metadata kept."""
+
+    def __init__(self, mapping: Mapping[int, int]) -> None:
+        self.mapping = {int(k): int(v) for k, v in mapping.items()}
+
+    def __call__(self, label):
+        out = remap_labels(label, self.mapping).to(torch.float32)
+        if isinstance(label, MetaTensor):
+            return MetaTensor(out, meta=label.meta, applied_operations=label.applied_operations)
+        return out
+
+
+class RemapLabelsd(MapTransform):
+    """Dictionary version of :class:`RemapLabels`."""
+
+    def __init__(self, keys: KeysCollection, mapping: Mapping[int, int]) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.remap = RemapLabels(mapping)
+        self.mapping = self.remap.mapping
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.remap(d[key])
+        return d
+
+
+class CheckLabelsd(MapTransform):
+    """Reject label ids that the network cannot output (≥ out_channels), naming the file."""
+
+    def __init__(self, keys: KeysCollection, out_channels: int) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.out_channels = out_channels
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            ids = torch.unique(torch.as_tensor(d[key]))
+            bad = [int(i) for i in ids if i < 0 or i >= self.out_channels or i != int(i)]
+            if bad:
+                raise DataError(source_name(d, key), f"label ids {bad[:8]} lie outside 0…{self.out_channels - 1} "
+                                                     f"(model.out_channels={self.out_channels}); set data.label_map")
+        return d
+
+
+def label_transforms(label_map: Mapping[int, int] | None, regions: str | None, brats_labels: str | None,
+                     out_channels: int) -> list:
+    """Label remapping, then the BraTS region conversion (``regions: brats``) or the id check."""
+    out: list = []
+    if label_map:
+        out.append(RemapLabelsd("label", label_map))
+    if regions == "brats":
+        if brats_labels is None:
+            raise SubforeError("data.regions 'brats' needs data.brats_labels (msd or brats) or a dataset.json that "
+                               "names its labels")
+        out.append(BratsRegionsd("label", brats_labels))
+    else:
+        out.append(CheckLabelsd("label", out_channels))
+    return out

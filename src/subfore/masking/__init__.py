@@ -7,6 +7,7 @@
 
 from .base import REGISTRY, MaskGenerator, make_generator, register
 from .block import BlockMask
+from .factory import from_config
 from .foreground import ForegroundMask, parse_threshold
 from .grid import (
     Window,
@@ -39,6 +40,7 @@ __all__ = [
     "check_threshold",
     "expand_grid",
     "foreground_grid",
+    "from_config",
     "grid_shape",
     "make_generator",
     "masked_l1",

@@ -1,0 +1,119 @@
+"""The ``subfore`` Typer app, its shared option parsers and the entry point (commands live beside this file).
+
+The command line is a thin layer over the Python API (``subfore.api``).
+
+User errors (bad files, bad config) print one line to stderr and exit 1; ``--debug`` shows the traceback.
+A run stopped by SIGTERM/SIGUSR1 saves its checkpoint and exits 75 (``subfore.preempt.EXIT_PREEMPTED``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import SubforeError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.splitlines()[0]
+)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show full tracebacks for errors")) -> None:
+    _state["debug"] = debug
+
+
+def _floats(value: Optional[str], n: int, option: str) -> Optional[tuple[float, ...]]:
+    """Parse '1.5,1.5,2' (or '1.5x1.5x2') into n floats."""
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        out = ()
+    if len(out) != n:
+        raise SubforeError(f"{option} takes {n} comma-separated numbers, got {value!r}")
+    return out
+
+
+def _preset(name: str, spacing: Optional[str] = None):
+    from ..data.presets import make_preset
+
+    sp = _floats(spacing, 3, "--spacing")
+    return make_preset(name, **({"spacing": sp} if sp else {}))
+
+
+def _threshold(value: str) -> float | str:
+    if value == "otsu":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise SubforeError(f"--threshold must be a number or 'otsu', got {value!r}") from None
+
+
+def _resume(resume: bool, resume_from: Optional[Path], if_exists: bool):
+    """The ``resume`` argument of pretrain()/finetune() for the three mutually exclusive flags."""
+    if resume + (resume_from is not None) + if_exists > 1:
+        raise SubforeError("give one of --resume, --resume-from PATH and --resume-if-exists")
+    if resume_from is not None:
+        return str(resume_from)
+    return "last" if resume else ("auto" if if_exists else None)
+
+
+def _device(device: str) -> str:
+    from ..engine.run import device_for
+
+    return device_for("cuda") if device == "auto" else device
+
+
+def _label_map(text: Optional[str]) -> Optional[dict]:
+    """--label-map '{5: 6, 7: 11}' (YAML or JSON) → {5: 6, 7: 11}."""
+    if not text:
+        return None
+    import yaml
+
+    try:
+        mapping = yaml.safe_load(text)
+        return {int(k): int(v) for k, v in mapping.items()}
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        raise SubforeError(f"--label-map expects a mapping such as '{{5: 6, 7: 11}}', got {text!r}") from None
+
+
+def _roi(roi: Optional[str]):
+    return None if roi is None else tuple(int(v) for v in _floats(roi, 3, "--roi"))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point: run the app, turning user errors into one line on stderr and exit code 1."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("monai").setLevel(logging.ERROR)
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv)
+    except (SubforeError, FileNotFoundError, ValueError, OSError) as exc:
+        # ValueError/OSError reach here from argument checks in the API (bad ratio, unwritable --out, ...).
+        if debug:
+            raise
+        code = getattr(exc, "exit_code", 1)
+        typer.echo(f"{'stopped' if code != 1 else 'error'}: {_one_line(exc)}", err=True)
+        sys.exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    # An error re-raised from a DataLoader worker carries the worker's traceback; its last line is the message.
+    if "Original Traceback" in lines[0] and len(lines) > 1:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return lines[0]

@@ -1,0 +1,101 @@
+"""Scoring commands: evaluate, predict, probe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import SubforeError
+from .app import _device, _label_map, _roi, app
+
+@app.command()
+def evaluate(
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="'subfore finetune' checkpoint(s); several → one table row each"),
+    data: List[str] = typer.Option(..., "--data", help="labelled datalist (dataset.json, nnU-Net folder, ...)"),
+    out: Path = typer.Option(Path("metrics.json"), "--out"),
+    split: str = typer.Option("validation", "--split"),
+    tolerance: float = typer.Option(2.0, "--tolerance", help="NSD tolerance in mm"),
+    hd95: bool = typer.Option(False, "--hd95", help="also report the 95th-percentile Hausdorff distance (mm); a "
+                              "missed or spurious class scores the image diagonal"),
+    grid: str = typer.Option("label", "--grid", help="label: score on each ground truth's own grid (as nnU-Net); "
+                             "resampled: on the training spacing (faster, approximate)"),
+    roi: Optional[str] = typer.Option(None, "--roi", help="sliding-window size, e.g. 96,96,96"),
+    overlap: Optional[float] = typer.Option(None, "--overlap"),
+    sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
+    label_map: Optional[str] = typer.Option(None, "--label-map", help="YAML/JSON {src: dst} for this data's labels"),
+    method: Optional[List[str]] = typer.Option(None, "--method", help="row name per checkpoint (default: run dir name)"),
+) -> None:
+    """Per-case and mean Dice and NSD per class; metrics.json, a Markdown table and a bar chart."""
+    from ..api import evaluate as run
+
+
+    mapping = _label_map(label_map)
+    from ..evaluate import plot_bars, write_table
+
+    methods = list(method or [])
+    if methods and len(methods) != len(checkpoint):
+        raise SubforeError(f"--method given {len(methods)} times for {len(checkpoint)} checkpoints")
+    results = []
+    for i, ckpt in enumerate(checkpoint):
+        # One checkpoint writes OUT itself; several write OUT.<method>.json each and a shared table.
+        target = out if len(checkpoint) == 1 else out.with_name(f"{out.stem}.{i}{out.suffix}")
+        result = run(ckpt, list(data), target, split, tolerance, hd95, _roi(roi), overlap, sw_batch_size,
+                     _device(device), precision, methods[i] if methods else None, mapping, grid)
+        results.append(result)
+        m = result["mean"]
+        typer.echo(f"{result['method']}: {len(result['cases'])} cases, mean Dice {m['mean_dice']}, "
+                   f"mean NSD {m['mean_nsd']} → {target}")
+    if len(results) > 1:
+        write_table(results, out.with_suffix(".md"))
+        plot_bars(results, out.with_suffix(".png"))
+        typer.echo(f"table of {len(results)} methods → {out.with_suffix('.md')}")
+
+
+@app.command()
+def predict(
+    inputs: List[Path] = typer.Argument(..., help="images, folders or DICOM series folders"),
+    checkpoint: Path = typer.Option(..., "--checkpoint"),
+    out: Path = typer.Option(..., "--out", help="folder for CASE_seg.nii.gz and CASE_overlay.png"),
+    roi: Optional[str] = typer.Option(None, "--roi"),
+    overlap: Optional[float] = typer.Option(None, "--overlap"),
+    sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
+) -> None:
+    """Segment images; labels are written on each input's own grid (shape, affine, orientation)."""
+    from ..api import predict as run
+
+    paths = run(checkpoint, [str(p) for p in inputs], out, _roi(roi), overlap, sw_batch_size, _device(device), precision)
+    typer.echo(f"wrote {len(paths)} label files to {out}")
+
+
+@app.command()
+def probe(
+    encoder: Path = typer.Option(..., "--encoder", help="RUN_DIR/encoder.pt (its encoder.json names the architecture)"),
+    data: List[str] = typer.Option(..., "--data", help="labelled datalist (dataset.json, nnU-Net folder, ...)"),
+    split: str = typer.Option("training", "--split", help="the cases that train the linear head"),
+    test_split: str = typer.Option("validation", "--test-split", help="the held-out cases that are scored"),
+    label_map: Optional[str] = typer.Option(None, "--label-map", help="YAML/JSON {src: dst}; others → background"),
+    steps: int = typer.Option(300, "--steps", help="optimiser steps of the linear head"),
+    seed: int = typer.Option(0, "--seed", help="the probe's seed (head init, voxel draws, baseline init)"),
+    out: Path = typer.Option(Path("probe.json"), "--out", help="probe.json; probe.md and probe.png beside it"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Linear probe of a frozen pretrained network vs the same network at random init (per-class Dice)."""
+    from ..probe import ProbeSettings, markdown_line, probe_encoder
+
+    from pydantic import ValidationError
+
+
+    try:
+        settings = ProbeSettings(data=data if len(data) > 1 else data[0], split=split, test_split=test_split,
+                                 label_map=_label_map(label_map), steps=steps, seed=seed)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise SubforeError(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})") from None
+    result = probe_encoder(encoder, settings, out, _device(device))
+    typer.echo(f"{markdown_line(result)} → {out}")

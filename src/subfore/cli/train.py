@@ -1,0 +1,79 @@
+"""Training commands: pretrain, finetune, study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..preempt import STOP
+from .app import _resume, app
+
+@app.command()
+def pretrain(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/pretrain/)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set masking.ratio=0.5"),
+    resume: bool = typer.Option(False, "--resume", help="continue RUN_DIR/checkpoints/last.ckpt"),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint"),
+    resume_if_exists: bool = typer.Option(False, "--resume-if-exists",
+                                          help="continue last.ckpt when there is one, else start (job scripts)"),
+) -> None:
+    """Pretrain a backbone by masked image modelling (SubFore and friends).
+
+    Exit status: 0 done, 1 bad input, 75 stopped by SIGTERM/SIGUSR1 after saving last.ckpt (rerun with --resume).
+    """
+    STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
+    from ..api import load_config
+    from ..api import pretrain as run
+
+    cfg = load_config(config, set_ or [])
+    encoder = run(cfg, resume=_resume(resume, resume_from, resume_if_exists))
+    typer.echo(f"done: {encoder}")
+
+
+@app.command()
+def finetune(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/finetune/)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set train.max_steps=500"),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="RUN_DIR/encoder.pt or any checkpoint"),
+    resume: bool = typer.Option(False, "--resume", help="continue RUN_DIR/checkpoints/last.ckpt"),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint"),
+    resume_if_exists: bool = typer.Option(False, "--resume-if-exists",
+                                          help="continue last.ckpt when there is one, else start (job scripts)"),
+) -> None:
+    """Finetune a segmentation network (optionally from pretrained weights).
+
+    Exit status: 0 done, 1 bad input, 75 stopped by SIGTERM/SIGUSR1 after saving last.ckpt (rerun with --resume).
+    """
+    STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
+    from ..api import load_config
+    from ..api import FinetuneConfig
+    from ..api import finetune as run
+
+    cfg = load_config(config, set_ or [], FinetuneConfig)
+    best = run(cfg, pretrained=pretrained, resume=_resume(resume, resume_from, resume_if_exists))
+    typer.echo(f"done: {best}")
+
+
+@app.command()
+def study(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML study config (see configs/study/)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set study.seeds=[0]"),
+    check: bool = typer.Option(False, "--check", help="resolve the protocol (which case plays which role) and exit; "
+                               "fails when a test case also trains or selects the checkpoint"),
+) -> None:
+    """Pretrain, finetune and score every masking arm over seeds; resumable (finished arms are skipped)."""
+    STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
+    from ..api import load_config
+    from ..study import StudyConfig, check_protocol, describe_protocol
+    from ..api import study as run
+
+    cfg = load_config(config, set_ or [], StudyConfig)
+    if check:
+        for line in describe_protocol(check_protocol(cfg)):
+            typer.echo(line)
+        typer.echo(f"{config}: protocol ok")
+        return
+    out = run(cfg)
+    typer.echo(f"done: {out}/results.md, results.json, dice.png, curves.png")

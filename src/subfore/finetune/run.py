@@ -1,0 +1,67 @@
+"""``subfore finetune``: segmentation finetuning (BTCV-style recipe) from pretrained weights, on Lightning.
+
+    >>> from subfore.config import FinetuneConfig, load_config
+    >>> from subfore.finetune import finetune
+    >>> finetune(load_config("configs/finetune/btcv_swinunetr.yaml", [], FinetuneConfig), pretrained="runs/demo/encoder.pt")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from ..config import FinetuneConfig, dump_config
+from ..data.brats import resolve_convention
+from ..data.phantoms import ensure_phantoms
+from ..engine.run import MetricsWriter, RunControl, make_trainer, resolve_resume
+from ..io import write_text
+from ..models.registry import resolve_backbone
+from ..models.weights import load_pretrained
+from .data import finetune_cases, loaders
+from .module import SegmentationModel
+
+
+def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: str | Path | None = None) -> Path:
+    """Finetune (or resume) a segmentation network; return the checkpoint ``finetune.select`` names (best or last).
+
+    Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
+    """
+    d = cfg.data
+    backbone = resolve_backbone(cfg.model)
+    backbone.check_roi(d.roi)
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = resolve_resume(run_dir, resume)
+    pl.seed_everything(cfg.seed, verbose=False)
+    ensure_phantoms(d.phantoms)
+    preset = d.preset_obj()
+    if d.regions == "brats":
+        d.brats_labels = resolve_convention(d.brats_labels, [d.train] if isinstance(d.train, str) else d.train)
+    items, val_items = finetune_cases(cfg)
+    model = SegmentationModel(cfg, backbone)
+    pretrained = pretrained or cfg.finetune.pretrained
+    t = cfg.train
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=t.ckpt_every),
+        MetricsWriter(run_dir),
+    ]
+    if val_items is not None and cfg.finetune.select == "best":
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/dice", mode="max",
+                                         save_top_k=1, enable_version_counter=False))
+    control = RunControl(run_dir)
+    trainer = make_trainer(run_dir, t, callbacks + [control], validate=val_items is not None)
+    train, val = loaders(cfg, preset, items, val_items, trainer)
+    if pretrained and ckpt_path is None:
+        report = load_pretrained(model.net, pretrained, cfg.model.name, cfg.finetune.adapt_in_channels,
+                                 cfg.finetune.min_encoder_loaded)
+        if trainer.is_global_zero:
+            print(report)
+            write_text(run_dir / "pretrained_load.txt", str(report) + "\n")
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    control.fit(trainer, model, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
+    best = ckpt_dir / "best.ckpt"
+    return best if cfg.finetune.select == "best" and best.exists() else control.last

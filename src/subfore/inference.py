@@ -1,0 +1,136 @@
+"""Inference with a finetuned network: its checkpoint reloaded, sliding-window prediction, and label files written
+on each input's own grid (``subfore predict``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, Invertd
+
+from .config import FinetuneConfig
+from .data.brats import from_regions
+from .data.datalist import case_id, load_datalists
+from .data.dataset import load_item
+from .data.presets import Preset
+from .data.transforms import label_transforms, preprocess
+from .errors import SubforeError
+from .io import save_figure, write_with
+from .models.registry import build_backbone
+from .visualize import mid_planes
+
+
+def eval_transforms(cfg: FinetuneConfig, preset: Preset, with_label: bool = True) -> Compose:
+    """Preprocess the whole volume (and its label) for sliding-window inference."""
+    keys = ["image", "label"] if with_label else ["image"]
+    t = preprocess(preset, keys)
+    if with_label:
+        t += label_transforms(cfg.data.label_map, cfg.data.regions, cfg.data.brats_labels, cfg.model.out_channels)
+    return Compose(t)
+
+
+def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: float, sw_batch_size: int,
+                   sigmoid: bool, precision: str = "32") -> torch.Tensor:
+    """Sliding-window prediction of one (1, C, D, H, W) volume → labels (1, 1, D, H, W) or regions (1, K, …) bool.
+
+    precision: ``32``, or ``bf16``/``fp16`` autocast (GPU inference).
+    """
+    device = next(net.parameters()).device
+    dtypes = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise SubforeError(f"precision must be one of {', '.join(dtypes)}, got {precision!r}")
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtypes[precision] or torch.float32,
+                                         enabled=dtypes[precision] is not None):
+        logits = sliding_window_inference(image.to(device), list(roi), sw_batch_size, net, overlap=overlap,
+                                          mode="gaussian")
+    logits = torch.as_tensor(logits).float()
+    if sigmoid:
+        return logits.sigmoid() > 0.5
+    return logits.argmax(1, keepdim=True)
+
+
+def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[FinetuneConfig, torch.nn.Module]:
+    """Rebuild the network and its config from a ``subfore finetune`` checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise SubforeError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # issue 21 makes this weights_only
+    except Exception as exc:  # noqa: BLE001
+        raise SubforeError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if hp.get("kind") != "subfore-finetune":
+        raise SubforeError(f"{path}: not a 'subfore finetune' checkpoint (a pretraining checkpoint or encoder.pt "
+                           f"cannot segment; finetune it first)")
+    cfg = FinetuneConfig.model_validate(hp["config"])
+    net = build_backbone(cfg.model, cfg.data.channels, cfg.model.out_channels, cfg.data.roi)
+    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SubforeError(f"{path}: weights do not fit the architecture its config names ({str(exc).splitlines()[0]})") from None
+    return cfg, net.to(device).eval()
+
+
+def predict(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    roi: Sequence[int] | None = None,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    device: str = "cpu",
+    precision: str = "32",
+) -> list[Path]:
+    """Write one label NIfTI per input on the input's own grid (shape, affine, orientation) plus an overlay PNG."""
+    cfg, net = load_finetuned(checkpoint, device)
+    preset = cfg.data.preset_obj()
+    pre = Compose(preprocess(preset, ["image"]))
+    invert = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for item in load_datalists(list(inputs), "training"):
+        d = load_item(pre, item)
+        image = d["image"]
+        pred = predict_volume(net, torch.as_tensor(image)[None].float(), roi or cfg.data.roi,
+                              overlap if overlap is not None else cfg.finetune.sw_overlap,
+                              sw_batch_size or cfg.finetune.sw_batch_size, cfg.sigmoid, precision).cpu()[0]
+        if cfg.sigmoid:  # TC/WT/ET → the label ids of the convention the network was trained on
+            pred = from_regions(pred, cfg.data.brats_labels or "msd")
+        # Invertd replays the image's recorded operations backwards onto the prediction.
+        d["pred"] = MetaTensor(pred.float(), meta=image.meta, applied_operations=image.applied_operations)
+        restored = invert(d)["pred"]
+        labels = np.asarray(restored[0]).round().astype(np.uint8)
+        affine = np.asarray(restored.affine, dtype=np.float64)
+        name = case_id(item)
+        path = write_with(out_dir / f"{name}_seg.nii.gz", lambda tmp: nib.save(nib.Nifti1Image(labels, affine), tmp),
+                          suffix=".nii.gz")
+        _overlay(np.asarray(image[0]), np.asarray(pred[0]), out_dir / f"{name}_overlay.png", name)
+        written.append(path)
+    if not written:
+        raise SubforeError("no input image found")
+    return written
+
+
+def _overlay(image: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    for ax, (plane, sl), (_, lab) in zip(axes, mid_planes(image), mid_planes(labels)):
+        ax.imshow(sl, cmap="gray", origin="lower", vmin=0, vmax=1)
+        ax.imshow(np.ma.masked_where(lab == 0, lab), cmap="tab20", vmin=0, vmax=19, alpha=0.5, origin="lower",
+                  interpolation="nearest")
+        ax.set_title(plane)
+        ax.set_axis_off()
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)

@@ -1,0 +1,105 @@
+"""Files a run writes: every write goes to a temporary file first and is renamed into place, so a reader (or a
+resumed run) never sees a half-written file; plus the metrics.jsonl append/truncate pair.
+
+Imports nothing of subfore's beyond errors; torch and matplotlib load only when their writer is called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextmanager
+def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed.
+
+    The temporary name carries host and pid, so concurrent writers (ranks, nodes) never share one. ``fsync``
+    flushes the data to disk before the rename (a store shared over NFS, a crash between write and rename).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str, fsync: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path, fsync) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 2, fsync: bool = False) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(obj, indent=indent), fsync)
+
+
+def write_with(path: str | Path, writer: Callable[[Path], Any], suffix: str = "") -> Path:
+    """Atomically write ``path`` with ``writer(tmp)`` (torch.save, nib.save, fig.savefig, ...).
+
+    suffix: appended to the temporary name, for writers that choose the format by extension (``.png``, ``.nii.gz``).
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        target = tmp.with_name(tmp.name + suffix) if suffix else tmp
+        try:
+            writer(target)
+            if suffix:
+                os.replace(target, tmp)
+        finally:
+            if suffix:
+                target.unlink(missing_ok=True)
+    return path
+
+
+def torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` atomically."""
+    import torch
+
+    return write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_figure(fig, path: str | Path, **kwargs) -> Path:
+    """Save a matplotlib figure atomically (PNG by the path's suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_with(path, lambda tmp: fig.savefig(tmp, **kwargs), suffix=Path(path).suffix)
+    finally:
+        plt.close(fig)
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON line (a single short write)."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every row of a JSON-lines file ([] when it does not exist)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """Keep the rows of ``path`` up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    write_text(path, "".join(ln + "\n" for ln in keep))

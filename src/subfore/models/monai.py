@@ -1,0 +1,48 @@
+"""MONAI's backbones: SwinUNETR (the SubFore paper's), UNETR and BasicUNet (the small CNN for CPU users).
+
+Each builder maps a model section (``model.*``) to a network (B, in_channels, *roi) → (B, out_channels, *roi).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.networks.nets import BasicUNet, SwinUNETR, UNETR
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def check_swinunetr_roi(roi: Sequence[int]) -> None:
+    if min(roi) < 64 or any(r % 32 for r in roi):
+        raise ConfigError(
+            f"data.roi {list(roi)}: SwinUNETR needs every side ≥ 64 and a multiple of 32 "
+            f"(its bottleneck is 1/32 of the crop and instance norm fails below 2³), e.g. [64, 64, 64] or [96, 96, 96]"
+        )
+
+
+def check_multiple_of_16(name: str):
+    def check(roi: Sequence[int]) -> None:
+        if any(r % 16 for r in roi):
+            raise ConfigError(f"data.roi {list(roi)}: {name} needs every side to be a multiple of 16")
+
+    return check
+
+
+def swinunetr(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
+    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=m.feature_size,
+                     use_v2=m.use_v2, use_checkpoint=m.checkpointing, drop_rate=m.dropout, spatial_dims=3)
+
+
+def unetr(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    return UNETR(in_channels=in_channels, out_channels=out_channels, img_size=tuple(roi), feature_size=m.feature_size,
+                 hidden_size=m.hidden_size, mlp_dim=m.mlp_dim, num_heads=m.num_heads, dropout_rate=m.dropout,
+                 spatial_dims=3)
+
+
+def basicunet(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
+    f = m.feature_size
+    return BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                     features=(f, f, 2 * f, 4 * f, 8 * f, f), dropout=m.dropout)

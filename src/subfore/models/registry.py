@@ -1,0 +1,128 @@
+"""One spec per backbone family: how it is built, which keys are encoder, stem and output head, its default
+learning rates, and the crops it accepts. A new backbone is one entry in :data:`BACKBONES`.
+
+    >>> net = build_backbone(ModelConfig(name="basicunet", feature_size=8), 1, 2, (32, 32, 32))
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from . import monai as monai_nets
+from .nnunet import network as nnunet_nets
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the rest of subfore knows about a backbone family."""
+
+    name: str
+    #: (model section, in_channels, out_channels, roi, architecture or None) → network
+    build: Callable[..., nn.Module]
+    #: key prefixes of the encoder: the part a pretrained checkpoint must fill
+    encoder: tuple[str, ...]
+    #: key prefix of the output layer: never loaded from a pretraining, left out of exported weights
+    head: str
+    pretrain_lr: float
+    finetune_lr: float
+    #: roi → None, or ConfigError naming the rule (nnU-Net families check against their architecture instead)
+    check_roi: Callable[[Sequence[int]], None] | None = None
+    #: built from an nnU-Net architecture (plans) rather than from the model section's sizes
+    nnunet: bool = False
+
+    def encoder_keys(self, keys) -> list[str]:
+        return [k for k in keys if k.startswith(self.encoder)]
+
+    def head_module(self, net: nn.Module) -> nn.Module:
+        """The output layer (nnU-Net's full-resolution seg layer: the last of ``seg_layers``)."""
+        module = net.get_submodule(self.head.rstrip("."))
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            module = module[-1]
+        return module
+
+
+def _monai(build):
+    return lambda m, cin, cout, roi, arch: build(m, cin, cout, roi)
+
+
+def _nnunet(m, cin, cout, roi, arch):
+    return nnunet_nets.build_network(arch, cin, cout)
+
+
+BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
+    BackboneSpec("swinunetr", _monai(monai_nets.swinunetr), ("swinViT.",), "out.", 8e-4, 1e-3,
+                 monai_nets.check_swinunetr_roi),
+    BackboneSpec("unetr", _monai(monai_nets.unetr), ("vit.",), "out.", 1e-4, 3e-4,
+                 monai_nets.check_multiple_of_16("unetr")),
+    BackboneSpec("basicunet", _monai(monai_nets.basicunet), ("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
+                 "final_conv.", 1e-3, 1e-3, monai_nets.check_multiple_of_16("basicunet")),
+    BackboneSpec("resenc", _nnunet, ("encoder.",), "decoder.seg_layers.", 1e-3, 1e-3, nnunet=True),
+    BackboneSpec("resenc_l", _nnunet, ("encoder.",), "decoder.seg_layers.", 1e-3, 1e-3, nnunet=True),
+)}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ConfigError(f"model.name: unknown backbone {name!r}; choose {', '.join(BACKBONES)}") from None
+
+
+@dataclass
+class Backbone:
+    """A backbone family resolved for one model section: for nnU-Net families the plans are read here, once."""
+
+    spec: BackboneSpec
+    model: Any  # the model section (subfore.config.ModelConfig or a subclass)
+    architecture: dict | None = None
+    plan: dict = field(default_factory=dict)  # what encoder.json records of the nnU-Net plan
+
+    def check_roi(self, roi: Sequence[int], subvolume_size: int | None = None) -> None:
+        """Reject a crop the backbone cannot take, with the rule it breaks."""
+        roi = tuple(int(r) for r in roi)
+        if self.spec.nnunet:
+            nnunet_nets.check_roi_for(self.architecture, roi, self.describe(), subvolume_size)
+        elif self.spec.check_roi is not None:
+            self.spec.check_roi(roi)
+        if subvolume_size and any(r % subvolume_size for r in roi):
+            raise ConfigError(
+                f"data.roi {list(roi)} does not divide into masking.subvolume_size={subvolume_size} subvolumes")
+
+    def describe(self) -> str:
+        m = self.model
+        return nnunet_nets.describe(self.spec.name, m.nnunet_plans, m.nnunet_configuration)
+
+    def build(self, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
+        """(B, in_channels, *roi) → (B, out_channels, *roi); the crop is checked first."""
+        self.check_roi(roi)
+        return self.spec.build(self.model, in_channels, out_channels, tuple(roi), copy.deepcopy(self.architecture))
+
+    def encoder_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        """The network's weights without its output layer: loads into the same family with any class count."""
+        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if not k.startswith(self.spec.head)}
+
+    def meta(self) -> dict:
+        """What encoder.json records beyond the model section: the nnU-Net architecture the weights belong to."""
+        return {"nnunet": {"architecture": copy.deepcopy(self.architecture), **self.plan}} if self.spec.nnunet else {}
+
+
+def resolve_backbone(model) -> Backbone:
+    """The backbone a model section describes, with its nnU-Net plans (if any) read once."""
+    spec = backbone_spec(model.name)
+    if not spec.nnunet:
+        return Backbone(spec, model)
+    arch = nnunet_nets.architecture(model.name, model.nnunet_plans, model.nnunet_configuration)
+    plan = nnunet_nets.plan_record(model.name, model.nnunet_plans, model.nnunet_configuration)
+    return Backbone(spec, model, arch, plan)
+
+
+def build_backbone(model, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
+    """A segmentation network for a model section: (B, in_channels, *roi) → (B, out_channels, *roi)."""
+    return resolve_backbone(model).build(in_channels, out_channels, roi)

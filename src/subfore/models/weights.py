@@ -1,0 +1,182 @@
+"""Loading pretrained weights into a segmentation network, from the checkpoint layouts users already have.
+
+Accepted: a raw state_dict, ``{"state_dict": …}`` (Lightning; keys ``net.``/``model.``), ``{"model": …}``,
+keys prefixed ``module.``; for SwinUNETR also ``swin_vit.``/``swinViT.`` keys of research-contributions'
+``SSLHead`` and the released self-supervised ``model_swinvit.pt`` (``module.patch_embed…``,
+``module.layers1.0.blocks…``, ``mlp.fc1``/``fc2``), the layout ``SwinUNETR.load_from`` reads. A 1-channel first
+layer can be adapted to C input channels (``repeat`` scaled by 1/C, or ``reinit``).
+
+A pretraining's output head (``out.``, ``final_conv.``, HPM's loss channel with it) is never loaded, whatever
+its shape; a load that fills less than ``min_encoder`` of the encoder's tensors is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SubforeError
+from .registry import backbone_spec
+
+
+@dataclass
+class LoadReport:
+    """What a pretrained load did; ``str()`` is the report printed to the user."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+    renamed: int = 0
+    head: list[str] = field(default_factory=list)
+    expected_missing: list[str] = field(default_factory=list)
+    encoder_loaded: int = 0
+    encoder_total: int = 0
+
+    def __str__(self) -> str:
+        lines = [
+            f"pretrained weights from {self.source}: {len(self.loaded)} tensors loaded "
+            f"({self.encoder_loaded}/{self.encoder_total} of the encoder), {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape-mismatched"
+        ]
+        if self.renamed:
+            lines.append(f"  renamed from the released SwinUNETR self-supervised layout: {self.renamed} tensors")
+        if self.adapted:
+            lines.append(f"  input channels adapted: {', '.join(self.adapted)}")
+        for name, keys in (("skipped, the pretraining's output head (never loaded)", self.head),
+                           ("expected missing, not in a v1 SwinUNETR pretraining (left at init)", self.expected_missing),
+                           ("missing (left at init)", self.missing),
+                           ("unexpected, no such tensor in this network (skipped)", self.unexpected),
+                           ("mismatched", self.mismatched)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", … (+{len(keys) - 6})" if len(keys) > 6 else "")
+                lines.append(f"  {name}: {shown}")
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file in any of the accepted layouts, with keys normalised."""
+    path = Path(path)
+    if not path.exists():
+        raise SubforeError(f"{path}: no such pretrained checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign files fail in many ways
+        raise SubforeError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model", "module", "network_weights"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SubforeError(f"{path}: holds no state_dict of tensors")
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "net.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith("teacher."):
+            continue
+        out[k.replace("swin_vit.", "swinViT.")] = v
+    return out
+
+
+# The released SwinUNETR self-supervised weights (model_swinvit.pt) name the Swin encoder without its
+# ``swinViT.`` parent and its MLP layers fc1/fc2; MONAI names them linear1/linear2.
+_V2_BLOCK = re.compile(r"^swinViT\.layers[1-4]c\.")  # SwinUNETR v2's residual conv blocks
+_SWIN_TOP = ("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")
+
+
+def _swin_released(key: str) -> str | None:
+    """``layers1.0.blocks.0.mlp.fc1.weight`` → ``swinViT.layers1.0.blocks.0.mlp.linear1.weight``; None if not one."""
+    if not key.startswith(_SWIN_TOP):
+        return None
+    return "swinViT." + key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+
+
+def repeat_stem(src: torch.Tensor, channels: int) -> torch.Tensor:
+    """A first-layer kernel (out, c, …) spread over ``channels`` inputs: the channel mean, repeated, divided by C.
+
+    A C-channel input of C copies of one image then gives the pretrained response.
+    """
+    return src.mean(1, keepdim=True).repeat(1, channels, *([1] * (src.ndim - 2))) / channels
+
+
+def _adapt(src: torch.Tensor, dst: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """A first-layer kernel (out, c_src, …) adapted to (out, c_dst, …), or None when it is not one."""
+    if src.ndim < 3 or src.shape[0] != dst.shape[0] or src.shape[2:] != dst.shape[2:] or src.shape[1] == dst.shape[1]:
+        return None
+    if mode == "reinit":
+        return dst.clone()
+    return repeat_stem(src, dst.shape[1])
+
+
+def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_channels: str = "repeat",
+                    min_encoder: float = 0.9) -> LoadReport:
+    """Load ``path`` into ``net`` (family ``swinunetr``/``unetr``/``basicunet``) non-strictly and report.
+
+    Refuses (one line) when less than ``min_encoder`` of the encoder's tensors load (v2-only SwinUNETR blocks
+    missing from a v1 pretraining do not count against it), or when a tensor fits no shape.
+    """
+    if adapt_in_channels not in ("repeat", "reinit"):
+        raise SubforeError(f"finetune.adapt_in_channels must be 'repeat' or 'reinit', got {adapt_in_channels!r}")
+    source = read_state_dict(path)
+    target = net.state_dict()
+    report = LoadReport(source=str(path))
+    if family == "swinunetr":
+        renamed = {}
+        for k, v in source.items():
+            new = _swin_released(k) if k not in target else None
+            renamed[new or k] = v
+            report.renamed += new is not None and new in target
+        source = renamed
+    spec = backbone_spec(family)
+    head = spec.head
+    usable = {}
+    for k, v in source.items():
+        if k.startswith(head):
+            report.head.append(k)  # a reconstruction (or HPM loss) output is no segmentation head, whatever its shape
+        elif k not in target:
+            report.unexpected.append(k)
+        elif v.shape == target[k].shape:
+            usable[k] = v
+        elif (adapted := _adapt(v, target[k], adapt_in_channels)) is not None:
+            usable[k] = adapted
+            report.adapted.append(f"{k} {tuple(v.shape[:2])} → {tuple(target[k].shape[:2])} ({adapt_in_channels})")
+        else:
+            report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}")
+    enc = spec.encoder
+    encoder_keys = spec.encoder_keys(target)
+    if family == "swinunetr" and not any(_V2_BLOCK.match(k) for k in source):
+        report.expected_missing = sorted(k for k in encoder_keys if _V2_BLOCK.match(k))
+    report.encoder_total = len(encoder_keys) - len(report.expected_missing)
+    report.encoder_loaded = sum(k in usable for k in encoder_keys)
+    if report.encoder_loaded == 0:
+        sample = ", ".join(list(source)[:3])
+        raise SubforeError(
+            f"{path}: no encoder key matched a {family} network (expected keys starting "
+            f"'{enc[0]}', the file has "
+            f"e.g. {sample}); is it a checkpoint of another architecture?"
+        )
+    if report.mismatched:
+        raise SubforeError(
+            f"{path}: {len(report.mismatched)} tensors do not fit this {family} (e.g. {report.mismatched[0]}); "
+            f"check model.feature_size and the other model keys against the pretraining"
+        )
+    share = report.encoder_loaded / max(report.encoder_total, 1)
+    if share < min_encoder:
+        absent = next(k for k in encoder_keys if k not in usable and k not in report.expected_missing)
+        raise SubforeError(
+            f"{path}: only {report.encoder_loaded} of the {report.encoder_total} encoder tensors of this {family} "
+            f"loaded ({share:.0%} < finetune.min_encoder_loaded {min_encoder:g}; e.g. {absent} is missing); "
+            f"lower finetune.min_encoder_loaded to accept a partial load"
+        )
+    net.load_state_dict(usable, strict=False)
+    report.loaded = sorted(usable)
+    report.missing = sorted(k for k in target if k not in usable and k not in report.expected_missing)
+    return report

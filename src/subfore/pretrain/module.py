@@ -1,0 +1,238 @@
+"""The masked-image-modelling LightningModule: one module for every backbone and masking strategy."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import PretrainConfig
+from ..engine.module import RunModule, gather_scalars, reduce_sum, tensor_digest, warmup_cosine
+from ..engine.sampling import mix_seed
+from ..masking import EmptyMaskCounter, Window, apply_mask, foreground_grid, from_config, masked_l1, random_grid
+from ..masking.teacher import TeacherGuidedMask, ema_momentum, ranking_loss, spearman
+from ..models.artifact import EncoderMeta, write_encoder
+from ..models.registry import Backbone, resolve_backbone
+
+
+class MaskedImageModel(RunModule):
+    """Reconstruct masked subvolumes: x → mask → apply_mask → backbone → masked L1 against x."""
+
+    val_metrics = {"val/loss": ("val_loss", float)}
+
+    def __init__(self, cfg: PretrainConfig, backbone: Backbone | None = None,
+                 foreground: tuple[float | str, Window | None] | None = None) -> None:
+        """backbone, foreground: the config's backbone and (λ, window) when the caller resolved them already."""
+        super().__init__(cfg.seed, cfg.train.max_bad_steps)
+        self.cfg = cfg
+        self.save_hyperparameters({"config": cfg.model_dump(mode="json")})
+        mk = cfg.masking
+        if backbone is None:
+            backbone = resolve_backbone(cfg.model)
+            backbone.check_roi(cfg.data.roi, mk.subvolume_size)
+        self.backbone = backbone
+        self.channels = cfg.data.channels
+        self.predicts_loss = mk.strategy == "hpm"
+        # HPM's loss predictor is one extra output channel, pooled per subvolume.
+        self.net = backbone.build(self.channels, self.channels + int(self.predicts_loss), cfg.data.roi)
+        self.mask_token = torch.nn.Parameter(torch.zeros(self.channels)) if mk.fill == "token" else None
+        # λ in the preset's units; window: what λ is range-checked against (none for nnU-Net's z-scores).
+        self.threshold, window = foreground if foreground is not None else cfg.foreground_threshold()
+        self.masker = from_config(mk, self.threshold, window)
+        self.teacher = None
+        if isinstance(self.masker, TeacherGuidedMask):
+            # The EMA teacher: a frozen copy of the student, saved in checkpoints with the module's state.
+            self.teacher = copy.deepcopy(self.net).requires_grad_(False).eval()
+            self.masker.scorer = self.teacher_scores
+            self.masker.total_steps = cfg.train.max_steps
+        self.fallbacks_total = 0
+        self.empty_masks = EmptyMaskCounter()  # this rank's training losses that had nothing masked
+        self.last_views: dict | None = None
+        self._seen: dict = {}
+
+    # --- reproducible masks -------------------------------------------------------------------
+    def step_generator(self) -> torch.Generator:
+        """The mask generator of this micro-batch, seeded from (seed, rank, step, micro-batch).
+
+        Nothing to save or restore: a resumed run (same number of ranks) draws the masks it would have drawn.
+        """
+        seed = mix_seed(self.cfg.seed, self.global_rank, self.global_step, self.micro_batch, 0x3A5C)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["subfore"]["fallbacks_total"] = int(self.fallbacks_total)
+        checkpoint["subfore"]["empty_masks"] = self.empty_masks.value
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("subfore", {})
+        self.fallbacks_total = state.get("fallbacks_total", 0)
+        self.empty_masks.reset()
+        self.empty_masks.add(torch.tensor(state.get("empty_masks", 0)))
+
+    # --- the teacher ----------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def per_subvolume(self, voxels: torch.Tensor) -> torch.Tensor:
+        """Mean over each subvolume and channel: (B, C, D, H, W) → (B, nz, ny, nx)."""
+        s = self.masker.size
+        return F.avg_pool3d(voxels.float(), s, s).mean(1)
+
+    @torch.no_grad()
+    def teacher_scores(self, x: torch.Tensor, candidates: torch.Tensor, generator) -> torch.Tensor:
+        """Per-subvolume difficulty (B, nz, ny, nx) from the EMA teacher; ``-inf`` where it gave no score.
+
+        AnatoMask: L1 error of the teacher's reconstruction under a random ρ mask of the candidates
+        (the same L1 target the student trains on). HPM: the teacher's predicted loss on the unmasked input.
+        """
+        if self.predicts_loss:
+            return self.per_subvolume(self.teacher(x)[:, self.channels :])
+        m = random_grid(tuple(candidates.shape), self.masker.ratio, x.device, generator, True, candidates)
+        pred = self.teacher(apply_mask(x, m, self._fill(), generator=generator))[:, : self.channels]
+        return self.per_subvolume((pred - x).abs()).masked_fill(~m, float("-inf"))
+
+    def after_step(self) -> None:
+        """The EMA teacher follows the student after every optimiser step that was taken."""
+        if self.teacher is not None:
+            mk = self.cfg.masking
+            m = ema_momentum(self.global_step, self.cfg.train.max_steps, mk.ema_momentum, mk.ema_momentum_end,
+                             mk.ema_ramp, mk.ema_ramp_fraction)
+            with torch.no_grad():
+                t, s = list(self.teacher.parameters()), list(self.net.parameters())
+                torch._foreach_lerp_(t, s, 1.0 - m)
+
+    # --- the step -----------------------------------------------------------------------------
+    def _fill(self):
+        return self.mask_token if self.mask_token is not None else self.cfg.masking.fill
+
+    def reconstruct(self, x: torch.Tensor, generator: torch.Generator) -> dict:
+        """Mask x (B, C, D, H, W), reconstruct it, and return the loss with what produced it."""
+        if self.teacher is not None:
+            self.masker.step = self.global_step
+        mask = self.masker(x, generator=generator)
+        x_in = apply_mask(x, mask, self._fill(), generator=generator)
+        out = self.net(x_in)
+        pred = out[:, : self.channels]
+        loss = masked_l1(pred, x, mask, counter=self.empty_masks if self.training else None)
+        result = {"loss": loss, "recon_loss": loss, "mask": mask, "x_in": x_in, "pred": pred}
+        if self.predicts_loss:
+            predicted = self.per_subvolume(out[:, self.channels :]).flatten(1)
+            true = self.per_subvolume((pred - x).abs()).detach().flatten(1)
+            flat_mask = mask.flatten(1)
+            p_loss = ranking_loss(predicted, true, flat_mask, self.cfg.masking.max_pairs, generator)
+            result.update(loss=loss + self.cfg.masking.predictor_weight * p_loss, predictor_loss=p_loss,
+                          predicted=predicted, true=true)
+        return result
+
+    def training_step(self, batch: dict, batch_idx: int):
+        x = torch.as_tensor(batch["image"]).float()
+        out = self.reconstruct(x, self.step_generator())
+        loss = out["loss"]
+        # A non-finite loss still goes through backward on every rank; optimizer_step then skips together.
+        self.note_loss(loss, shown=out["recon_loss"])
+        stats = self.masker.last_stats
+        if "fallbacks" in stats:
+            # Accumulated on the device; read (synchronised) only when logging.
+            self.fallbacks_total = stats["fallbacks"] + self.fallbacks_total
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=x.shape[0])
+        if self._logging_now() or self._snapshot_now():
+            self._seen = {"x": x.detach(), "out": out, "stats": dict(stats)}
+        return loss
+
+    def step_ended(self) -> None:
+        # Runs on every rank after the last micro-batch of a step, so the gathers in step_row line up.
+        seen, self._seen = self._seen, {}
+        if seen and self._logging_now():
+            self.row = {**self.step_row(seen), "time": round(time.time(), 3)}
+        if seen and self._snapshot_now():
+            views = (("x", seen["x"]), ("x_in", seen["out"]["x_in"]), ("pred", seen["out"]["pred"]))
+            self.last_views = {k: v[:1].detach().float().cpu() for k, v in views}
+            self.last_views["mask"] = seen["out"]["mask"][:1].cpu()
+
+    def step_row(self, seen: dict) -> dict:
+        """The metrics.jsonl row of the step that just ended (its last micro-batch's mask and crops)."""
+        x, out, stats = seen["x"], seen["out"], seen["stats"]
+        fg = stats.get("foreground_fraction")
+        if fg is None:
+            fg = foreground_grid(x, self.masker.size, self.threshold).float().mean()
+        row = {
+            "loss": self.step_loss(),
+            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "masked_fraction": float(out["mask"].float().mean()),
+            "foreground_fraction": float(fg),
+            "fallbacks": int(self.fallbacks_total),
+            "skipped_steps": self.skipped_steps,
+            "empty_masks": self.empty_masks.value,
+        }
+        if self.teacher is not None:
+            row["r_t"] = float(stats["r_t"])
+            row["teacher_fg_share"] = float(stats["teacher_fg_share"])
+        if self.predicts_loss:
+            sel = out["mask"].flatten(1)
+            row["predictor_loss"] = float(out["predictor_loss"].detach())
+            row["spearman"] = float(spearman(out["predicted"][sel].detach(), out["true"][sel]))
+        if self.trainer.world_size > 1:
+            # The loss over all ranks, and per-rank fingerprints of this step's crops and masks (they must differ).
+            losses, crops, masks = gather_scalars(self, [torch.tensor(row["loss"]), tensor_digest(x),
+                                                         tensor_digest(out["mask"])])
+            row.update(loss=sum(losses) / len(losses), rank_loss=losses, rank_crop_digest=crops,
+                       rank_mask_digest=masks)
+        return row
+
+    def _logging_now(self) -> bool:
+        step = self.global_step + 1
+        return step == 1 or step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
+
+    def _snapshot_now(self) -> bool:
+        every = self.cfg.train.snapshot_every
+        step = self.global_step + 1
+        return bool(every) and (step % every == 0 or step == 1)
+
+    def on_validation_epoch_start(self) -> None:
+        # A fixed mask seed makes validation losses comparable across steps.
+        self._val_rng = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.seed, self.global_rank, 99_991))
+        self._val_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        x = torch.as_tensor(batch["image"]).float()
+        w = torch.as_tensor(batch["weight"]).to(self.device, torch.float64)
+        loss = self.reconstruct(x, self._val_rng)["loss"]
+        self._val_sum += torch.stack([(loss.double() * w).sum(), w.sum()])
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        # Mean over the validation volumes, each counted once across ranks.
+        total, count = reduce_sum(self, self._val_sum).tolist()
+        self.log("val/loss", total / max(count, 1.0), prog_bar=True)
+
+    def configure_optimizers(self):
+        o, t = self.cfg.optim, self.cfg.train
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:  # the EMA teacher
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=o.betas,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, o.warmup_steps, t.max_steps, o.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def export_encoder(self, run_dir: Path) -> Path:
+        """Write RUN_DIR/encoder.pt (a plain state_dict without the output layer) and encoder.json."""
+        meta = EncoderMeta(model=self.cfg.model.model_dump(mode="json"), in_channels=self.channels,
+                           roi=tuple(self.cfg.data.roi), step=int(self.global_step), preset=self.cfg.data.preset_obj(),
+                           **self.backbone.meta())
+        return write_encoder(run_dir, self.backbone.encoder_state(self.net), meta)

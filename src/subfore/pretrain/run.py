@@ -1,0 +1,89 @@
+"""``subfore pretrain``: resolve the config, build the module and the Trainer, train, export the encoder.
+
+    >>> from subfore.config import load_config
+    >>> from subfore.pretrain import pretrain
+    >>> pretrain(load_config("configs/pretrain/demo_cpu.yaml", ["train.max_steps=20"]))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from ..config import PretrainConfig, dump_config
+from ..engine.run import MetricsWriter, RunControl, make_trainer, resolve_resume
+from ..engine.sampling import check_fill
+from ..io import append_jsonl, read_jsonl
+from ..probe import Probe, plot_curve
+from ..visualize import save_snapshot
+from .data import CropData, resolve, source_name
+from .module import MaskedImageModel
+
+
+class RunArtifacts(Callback):
+    """Rank 0 writes snapshots, encoder.pt beside each checkpoint, and the linear probe's Dice (``probe_dice``)
+    every ``probe.every`` steps and at the last step (metrics.jsonl rows come from MetricsWriter)."""
+
+    def __init__(self, run_dir: Path, ckpt_every: int, cfg: PretrainConfig | None = None) -> None:
+        self.run_dir = run_dir
+        self.ckpt_every = ckpt_every
+        self.cfg = cfg
+        self._probe = None
+
+    def _probe_now(self, trainer, pl_module: MaskedImageModel) -> None:
+        cfg, step = self.cfg, trainer.global_step
+        if self._probe is None:
+            self._probe = Probe(cfg.probe, cfg.model, cfg.data.channels, cfg.data.roi, cfg.data.preset_obj(),
+                                pl_module.device)
+        net = self._probe.network()
+        net.load_state_dict({k: v for k, v in pl_module.net.state_dict().items()
+                             if k in net.state_dict() and v.shape == net.state_dict()[k].shape}, strict=False)
+        row = {"step": step, "probe_dice": self._probe.run(net)["mean_dice"]}
+        metrics = self.run_dir / "metrics.jsonl"
+        if not any("probe_baseline" in r for r in read_jsonl(metrics)):
+            row["probe_baseline"] = self._probe.baseline()["mean_dice"]  # the same head on a random init, once
+        append_jsonl(metrics, row)
+        plot_curve(metrics, self.run_dir / "probe_curve.png")
+
+    def on_train_batch_end(self, trainer, pl_module: MaskedImageModel, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero or not pl_module.stepped:
+            return
+        step = trainer.global_step
+        if pl_module.last_views is not None:
+            save_snapshot(pl_module.last_views, pl_module.masker.size,
+                          self.run_dir / "snapshots" / f"step_{step:06d}.png", step)
+            pl_module.last_views = None
+        if step % self.ckpt_every == 0:
+            pl_module.export_encoder(self.run_dir)
+        p = self.cfg.probe if self.cfg is not None else None
+        if p is not None and ((p.every and step % p.every == 0) or step == trainer.max_steps):
+            self._probe_now(trainer, pl_module)
+
+
+def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
+    """Run (or resume) a pretraining; return the path of the exported encoder.pt.
+
+    resume: a checkpoint path, ``"last"`` for RUN_DIR/checkpoints/last.ckpt, or ``"auto"`` (last.ckpt if present).
+    Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
+    """
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = resolve_resume(run_dir, resume)
+    pl.seed_everything(cfg.seed, verbose=False)
+    plan = resolve(cfg)
+    model = MaskedImageModel(cfg, plan.backbone, (plan.threshold, plan.window))
+    t = cfg.train
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
+                                 every_n_train_steps=t.ckpt_every, save_on_train_epoch_end=False)
+    control = RunControl(run_dir, on_end=lambda: model.export_encoder(run_dir))
+    trainer = make_trainer(run_dir, t, [checkpoint, MetricsWriter(run_dir), RunArtifacts(run_dir, t.ckpt_every, cfg),
+                                        control], cfg.data.val is not None)
+    d = cfg.data
+    # Fail before launching anything when the data cannot fill a batch on every rank.
+    check_fill(len(plan.train_items), t.batch_size, d.samples_per_volume, trainer.world_size, source_name(d.train))
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    control.fit(trainer, model, datamodule=CropData(plan), ckpt_path=ckpt_path)
+    return run_dir / "encoder.pt"
