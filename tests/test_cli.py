@@ -20,14 +20,6 @@ def run(*args, check=False):
     return proc
 
 
-def test_phantoms_command_writes_dataset(tmp_path):
-    out = tmp_path / "ph"
-    run("phantoms", out, "--n", 2, "--seed", 3, "--spacing", "4,4,5", check=True)
-    meta = json.loads((out / "dataset.json").read_text())
-    assert len(meta["training"]) + len(meta["validation"]) == 2
-    assert (out / "imagesTr" / "phantom_001.nii.gz").stat().st_size > 0
-
-
 def test_show_mask_on_phantom_writes_png_and_counts(phantom_dir, tmp_path):
     png, js = tmp_path / "m.png", tmp_path / "m.json"
     run("show-mask", phantom_dir / "imagesTr" / "phantom_000.nii.gz", "--out", png, "--json", js, check=True)

@@ -38,21 +38,33 @@ def test_top_candidates_always_masked_and_total_exact(r_t):
         assert not torch.equal(compose_mask(scores, cand, 0.6, r_t, gen(0))[0], compose_mask(scores, cand, 0.6, r_t, gen(1))[0])
 
 
-def test_gated_teacher_mask_never_touches_background():
+@pytest.mark.parametrize("gate", [None, "foreground"])
+@pytest.mark.parametrize("strategy", ["anatomask", "hpm"])
+def test_teacher_generator_always_masks_the_scorers_top_cells(strategy, gate):
     x = bright_volume(BRIGHT, batch=2)
-    g = make_generator("anatomask", ratio=0.6, gate="foreground", threshold=0.1)
-    g.scorer = lambda x, cand, generator: stub_scores(2)
+    g = make_generator(strategy, ratio=0.6, gate=gate, threshold=0.1)
+    seen = []
+    g.scorer = lambda x, cand, generator: seen.append(cand.clone()) or stub_scores(2)
     g.step, g.total_steps = 50, 100  # r_t = 0.25
     fg = foreground_grid(x, 16, 0.1)
+    cand = fg if gate else torch.ones_like(fg)
+    # k = round(0.6 · 10 foreground) = 6 gated, round(0.6 · 64) = 38 not; ⌈0.25 · 6⌉ = 2, ⌈0.25 · 38⌉ = 10 hard cells:
+    # the best-scoring candidates. Random masking would keep all of them in 20 samples by chance with probability
+    # (6/10 · 5/9)^20 ≈ 3e-10 gated, (∏_{i<10} (38 − i)/(64 − i))^20 ≈ 1e-50 not.
+    k, h = (6, 2) if gate else (38, 10)
+    top = stub_scores(2).masked_fill(~cand, float("-inf")).flatten(1).topk(h, dim=1).indices
+    masks = []
     for seed in range(10):
         mask = g(x, gen(seed))
-        assert mask.flatten(1).sum(1).tolist() == [6, 6]  # round(0.6 · 10 foreground)
-        assert not (mask & ~fg).any()
-    # The hard share was picked among foreground candidates only: the 2 (= ⌈0.25·6⌉) best-scoring fg cells.
-    s = stub_scores(2).masked_fill(~fg, float("-inf")).flatten(1)
-    top = s.topk(2, dim=1).indices
-    assert mask.flatten(1).gather(1, top).all()
-    assert float(g.last_stats["teacher_fg_share"]) == 1.0
+        assert mask.flatten(1).sum(1).tolist() == [k, k]
+        assert mask.flatten(1).gather(1, top).all()  # every seed, every sample: the scorer's top h are in
+        assert not (mask & ~cand).any()  # gated: never background
+        masks.append(mask)
+    assert any(not torch.equal(masks[0], m) for m in masks[1:])  # the other k − h cells are drawn at random
+    assert len(seen) == 10 and all(torch.equal(c, cand) for c in seen)  # the scorer was asked about the candidates
+    # The hard cells' foreground share: all of them gated; ungated, 1 of the 20 (sample 0's top 10 hold one bright
+    # cell, sample 1's none).
+    assert float(g.last_stats["teacher_fg_share"]) == pytest.approx(1.0 if gate else 1 / 20)
 
 
 def test_hard_share_schedule_endpoints():
