@@ -16,8 +16,8 @@ import torch
 from subfore.config import ProbeSettings, load_config
 from subfore.phantoms import PhantomSpec, write_phantoms
 from subfore.pretrain import pretrain
-from subfore.probe import Probe, load_encoder
-from subfore.data.presets import Preset
+from subfore.models.artifact import read_encoder
+from subfore.probe import Probe
 
 
 def main(out: Path) -> None:
@@ -32,9 +32,9 @@ def main(out: Path) -> None:
                     "model": {"name": "basicunet", "feature_size": 8},
                     "train": {"max_steps": steps, "batch_size": 4, "log_every": 10, "ckpt_every": steps,
                               "progress_bar": False}}
-            meta, state = load_encoder(pretrain(load_config(None, [], base=tree), resume="auto"))
-            probe = Probe(ProbeSettings(data=str(data), label_map={1: 1, 6: 2, 7: 3}, steps=200), meta["model"],
-                          meta["in_channels"], meta["roi"], Preset.model_validate(meta["preset"]))
+            meta, state = read_encoder(pretrain(load_config(None, [], base=tree), resume="auto"))
+            probe = Probe(ProbeSettings(data=str(data), label_map={1: 1, 6: 2, 7: 3}, steps=200), meta.model,
+                          meta.in_channels, meta.roi, meta.preset)
             net = probe.network(seed=0)
             net.load_state_dict(state, strict=False)
             pretrained = probe.run(net)["mean_dice"]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,9 +29,41 @@ def test_api_doc_script_runs(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == str(scores["mean"]["mean_dice"])
 
 
-def test_api_names_are_the_clis():
+def test_the_cli_calls_the_api(tmp_path, monkeypatch):
     import subfore.api as api
-    from subfore import evaluate, inference, pretrain, probe
+    from subfore.cli import main
+    from subfore.preempt import STOP
 
-    assert api.pretrain is pretrain.pretrain and api.evaluate is evaluate.evaluate
-    assert api.predict is inference.predict and api.probe is probe.probe_encoder
+    (tmp_path / "pre.yaml").write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{train: {tmp_path / 'none'}}}\n")
+    calls = []
+    monkeypatch.setattr(api, "pretrain", lambda cfg, resume=None: calls.append((cfg.run_dir, resume)) or "enc.pt")
+    try:
+        with pytest.raises(SystemExit) as done:
+            main(["pretrain", "--config", str(tmp_path / "pre.yaml"), "--resume-if-exists"])
+    finally:
+        STOP.restore()
+    assert done.value.code == 0 and calls == [(str(tmp_path / "run"), "auto")]
+
+
+def test_encoder_json_of_every_format_reads_and_a_newer_one_is_refused(tmp_path):
+    from subfore.errors import SubforeError
+    from subfore.models.artifact import ENCODER_FORMAT, EncoderMeta, read_encoder_meta, write_encoder
+
+    # As format 1 was written before it carried its version: no "format" key, no "nnunet" key.
+    old = {"model": {"name": "basicunet", "feature_size": 8}, "in_channels": 1, "roi": [32, 32, 32], "step": 3,
+           "preset": {"modality": "ct", "spacing": [4.0, 4.0, 4.0]}}
+    (tmp_path / "encoder.json").write_text(json.dumps(old))
+    meta = read_encoder_meta(tmp_path / "encoder.pt")
+    assert (meta.format, meta.name, meta.step, meta.roi, meta.preset.spacing) == (1, "basicunet", 3, (32, 32, 32),
+                                                                                    (4.0, 4.0, 4.0))
+    out = tmp_path / "new"
+    write_encoder(out, {}, meta)
+    written = json.loads((out / "encoder.json").read_text())
+    assert written["format"] == ENCODER_FORMAT and "nnunet" not in written and written["step"] == 3
+    assert EncoderMeta.model_validate(written) == meta
+    (tmp_path / "encoder.json").write_text(json.dumps({**old, "format": ENCODER_FORMAT + 1}))
+    with pytest.raises(SubforeError, match=f"format {ENCODER_FORMAT + 1} is newer"):
+        read_encoder_meta(tmp_path)
+    (tmp_path / "encoder.json").write_text(json.dumps({k: v for k, v in old.items() if k != "roi"}))
+    with pytest.raises(SubforeError, match=r"not an encoder.json written by subfore pretrain \(KeyError: 'roi'\)"):
+        read_encoder_meta(tmp_path)

@@ -84,7 +84,8 @@ class PretrainData(DataConfig):
 
 
 class ModelConfig(Strict):
-    name: Literal[tuple(BACKBONES)] = "swinunetr"  # type: ignore[valid-type]
+    name: str = Field("swinunetr", description="a registered backbone (models/registry.py): swinunetr, unetr, "
+                      "basicunet, resenc, resenc_l")
     feature_size: int = Field(48, ge=1)
     use_v2: bool = True
     checkpointing: bool = Field(False, description="gradient checkpointing (SwinUNETR): less memory, more time")
@@ -96,6 +97,13 @@ class ModelConfig(Strict):
     # nnU-Net (resenc: the network; data.preset nnunet: the preprocessing). resenc_l is fixed and needs no plans.
     nnunet_plans: str | None = Field(None, description="nnU-Net plans JSON, e.g. nnUNetResEncUNetLPlans.json")
     nnunet_configuration: str = Field("3d_fullres", description="the plans' configuration to build")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; registered: {', '.join(BACKBONES)}")
+        return v
 
     @model_validator(mode="after")
     def _plans(self) -> "ModelConfig":
@@ -150,8 +158,7 @@ class MaskingConfig(Strict):
 
 
 class OptimConfig(Strict):
-    lr: float | None = Field(None, gt=0, description="default: the backbone's pretraining lr (models/registry.py: "
-                             "8e-4 SwinUNETR, 1e-4 UNETR, 1e-3 BasicUNet)")
+    lr: float | None = Field(None, gt=0, description="default: the backbone's pretrain_lr (models/registry.py)")
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
@@ -288,8 +295,7 @@ class FinetuneOptions(Strict):
 
 
 class FinetuneOptim(OptimConfig):
-    lr: float | None = Field(None, gt=0, description="default: the backbone's finetuning lr (models/registry.py: "
-                             "1e-3 SwinUNETR, 3e-4 UNETR, 1e-3 BasicUNet)")
+    lr: float | None = Field(None, gt=0, description="default: the backbone's finetune_lr (models/registry.py)")
     weight_decay: float = Field(1e-5, ge=0)
 
 

@@ -16,17 +16,17 @@ from monai.transforms import Compose, Invertd, LoadImaged
 from .data.brats import convention_of
 from .data.datalist import case_id, load_datalists
 from .data.dataset import load_item
-from .data.transforms import label_transforms
+from .data.transforms import eval_transforms, label_transforms
 from .errors import DataError, SubforeError
-from .inference import eval_transforms, load_finetuned, predict, predict_volume  # noqa: F401 - predict re-exported
+from .inference import load_finetuned, predict, predict_volume
 from .io import write_json
-from .report import bar_chart, dice_per_class, markdown_table
+from .report import ABSENT_RULE, dice_per_class, plot_bars, write_table
 
-ABSENT_RULE = ("a class absent from a case's ground truth is excluded from that case's Dice and NSD and from their "
-               "means (reported as null), not counted as 0 or 1")
 HD95_RULE = ("HD95 of a class the prediction misses, or predicts where the ground truth has none, is the image "
              "diagonal in mm (the BraTS evaluation's rule); absent from both: excluded (null)")
 GRIDS = ("label", "resampled")
+
+__all__ = ["ABSENT_RULE", "GRIDS", "HD95_RULE", "case_metrics", "evaluate", "predict"]  # predict: its former home
 
 
 def case_metrics(pred: torch.Tensor, label: torch.Tensor, n_classes: int, spacing: Sequence[float],
@@ -105,8 +105,9 @@ def evaluate(
     transform = eval_transforms(cfg, preset)
     if grid == "label":
         invert = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True)
-        raw_label = Compose([LoadImaged("label", image_only=True, ensure_channel_first=True), *label_transforms(cfg.data.label_map, cfg.data.regions, cfg.data.brats_labels,
-                                                         cfg.model.out_channels)])
+        d = cfg.data
+        raw_label = Compose([LoadImaged("label", image_only=True, ensure_channel_first=True),
+                             *label_transforms(d.label_map, d.regions, d.brats_labels, cfg.model.out_channels)])
     names = cfg.class_names()
     scored = names if cfg.sigmoid else names[1:]
     roi = roi or cfg.data.roi
@@ -146,20 +147,3 @@ def evaluate(
     write_table([result], out.with_suffix(".md"))
     plot_bars([result], out.with_suffix(".png"))
     return result
-
-
-def write_table(results: list[dict], path: Path, metric: str = "dice") -> str:
-    """Methods × classes Markdown table of mean ``metric`` (%), best per column in bold, like the seeds' tables."""
-    classes = results[0]["classes"]
-    fmt = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    rows = [(r["method"], [(v, fmt(v)) for v in [r["mean"][metric].get(c) for c in classes] + [r["mean"][f"mean_{metric}"]]])
-            for r in results]
-    text = f"{metric.upper()} (%), {ABSENT_RULE}.\n\n" + "\n".join(markdown_table("method", [*classes, "**AVG**"], rows)) + "\n"
-    Path(path).write_text(text)
-    return text
-
-
-def plot_bars(results: list[dict], path: Path) -> None:
-    """Per-class mean Dice bars, one colour per method."""
-    classes = results[0]["classes"]
-    bar_chart(path, classes, [(r["method"], [r["mean"]["dice"].get(c) for c in classes]) for r in results], "Dice")

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import torch
+from monai.utils import set_determinism
 
 from .config import PretrainConfig
 from .data.datalist import load_datalists
@@ -34,7 +35,7 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
                 seed: int = 0) -> dict:
     """Sample ``crops`` random training crops of ``datalist``; write DIR/fingerprint.json and foreground_share.png."""
     d, mk = cfg.data, cfg.masking
-    plan = resolve(cfg, read_data=False)  # preset and λ exactly as pretraining resolves them
+    plan = resolve(cfg, read_data=False, check_roi=False)  # preset and λ exactly as pretraining resolves them
     items = load_datalists(datalist, d.train_split)
     preset, threshold = plan.preset, plan.threshold
     # Only as many volumes as there are crops to draw: a datalist of 10k CTs is not read whole for 64 crops.
@@ -42,9 +43,7 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
     items = [items[i] for i in torch.randperm(len(items), generator=g)[:crops].tolist()]
     per_volume = max(1, math.ceil(crops / len(items)))
     shares, masked = [], []
-    volumes = crop_volumes(plan, items, per_volume)
-    samples = (torch.as_tensor(sample["image"]) for i in range(len(volumes)) for sample in volumes.draw(i, seed + i))
-    for sample in samples:
+    for sample in _crops(plan, items, per_volume, seed):
         f, m = crop_shares(sample[None].float(), mk.subvolume_size, threshold, mk.ratio)
         shares.append(float(f[0]))
         masked.append(float(m[0]))
@@ -66,6 +65,25 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
     write_json(out / "fingerprint.json", result)
     _histogram(result, out / "foreground_share.png")
     return result
+
+
+def _crops(plan, items: list[dict], per_volume: int, seed: int):
+    """``per_volume`` random training crops (C, *roi) of each item, cut as pretraining cuts them."""
+    volumes = crop_volumes(plan, items, per_volume)
+    if plan.cfg.data.cache_dir is not None:
+        for i in range(len(volumes)):
+            for sample in volumes.draw(i, seed + i):
+                yield sample["image"]
+        return
+    # From the source files: one transform stream seeded once, so the crops are those of earlier versions.
+    set_determinism(seed)
+    volumes.inner.transform.set_random_state(seed)
+    try:
+        for i in range(len(volumes)):
+            for sample in volumes[i]:
+                yield torch.as_tensor(sample["image"])
+    finally:
+        set_determinism(None)
 
 
 def summary_line(result: dict) -> str:

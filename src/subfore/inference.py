@@ -17,21 +17,11 @@ from .config import FinetuneConfig
 from .data.brats import from_regions
 from .data.datalist import case_id, load_datalists
 from .data.dataset import load_item
-from .data.presets import Preset
-from .data.transforms import label_transforms, preprocess
+from .data.transforms import preprocess
 from .errors import SubforeError
 from .io import save_figure, write_with
 from .models.registry import build_backbone
 from .visualize import mid_planes
-
-
-def eval_transforms(cfg: FinetuneConfig, preset: Preset, with_label: bool = True) -> Compose:
-    """Preprocess the whole volume (and its label) for sliding-window inference."""
-    keys = ["image", "label"] if with_label else ["image"]
-    t = preprocess(preset, keys)
-    if with_label:
-        t += label_transforms(cfg.data.label_map, cfg.data.regions, cfg.data.brats_labels, cfg.model.out_channels)
-    return Compose(t)
 
 
 def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: float, sw_batch_size: int,
@@ -60,7 +50,7 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
     if not path.exists():
         raise SubforeError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # issue 21 makes this weights_only
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise SubforeError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}

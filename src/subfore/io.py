@@ -16,15 +16,16 @@ from typing import Any, Iterator
 
 
 @contextmanager
-def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, fsync: bool = False, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed.
 
-    The temporary name carries host and pid, so concurrent writers (ranks, nodes) never share one. ``fsync``
-    flushes the data to disk before the rename (a store shared over NFS, a crash between write and rename).
+    The temporary name (``.NAME.HOST-PID`` + ``suffix``) carries host and pid, so concurrent writers (ranks, nodes)
+    never share one; a process killed mid-write leaves it behind, never ``path``. ``fsync`` flushes the data to disk
+    before the rename (a store shared over NFS, a crash between write and rename).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}{suffix}")
     try:
         yield tmp
         if fsync:

@@ -1,7 +1,16 @@
-"""Moved to :mod:`subfore.data.phantoms`; this name stays importable."""
+"""Moved to :mod:`subfore.data.phantoms`; these names stay importable."""
 
-from .data.phantoms import BTCV_NAMES, HU, LABELS, PhantomSpec, ensure_phantoms, make_phantom, write_nnunet_raw, \
-    write_phantoms
+from .data.phantoms import (
+    BTCV_NAMES,
+    HU,
+    LABELS,
+    NOISE_HU,
+    PhantomSpec,
+    ensure_phantoms,
+    make_phantom,
+    write_nnunet_raw,
+    write_phantoms,
+)
 
-__all__ = ["BTCV_NAMES", "HU", "LABELS", "PhantomSpec", "ensure_phantoms", "make_phantom", "write_nnunet_raw",
-           "write_phantoms"]
+__all__ = ["BTCV_NAMES", "HU", "LABELS", "NOISE_HU", "PhantomSpec", "ensure_phantoms", "make_phantom",
+           "write_nnunet_raw", "write_phantoms"]

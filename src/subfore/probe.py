@@ -27,10 +27,10 @@ from .data.dataset import load_item
 from .data.presets import Preset
 from .data.transforms import preprocess, remap_labels
 from .errors import DataError, SubforeError
-from .io import read_jsonl, save_figure, write_json, write_text
+from .io import read_jsonl, write_json, write_text
 from .models.artifact import read_encoder
-from .models.registry import backbone_spec, build_backbone
-from .report import bar_chart, dice_per_class
+from .models.registry import backbone_spec, resolve_backbone
+from .report import bar_chart, dice_per_class, line_chart
 
 # Bumped whenever the probe's protocol changes its numbers; a study recomputes probes of another version.
 PROBE_VERSION = 2
@@ -61,7 +61,8 @@ def extract(extractor: nn.Module, item: dict, preset: Preset, roi, settings: Pro
     feats = sliding_window_inference(image, list(roi), settings.sw_batch_size, extractor, overlap=0.25,
                                      mode="gaussian", sw_device=device, device="cpu")
     label = torch.as_tensor(d["label"])[0]
-    label = remap_labels(label, settings.label_map) if settings.label_map else label.round().long().clamp_min(0)
+    label = label.round()  # nearest-neighbour resampled ids, rounded before they index anything
+    label = remap_labels(label, settings.label_map) if settings.label_map else label.long().clamp_min(0)
     return torch.as_tensor(feats)[0].flatten(1).T.contiguous(), label.flatten()
 
 
@@ -120,6 +121,8 @@ class Probe:
                  device: str | torch.device = "cpu") -> None:
         model = ModelConfig.model_validate(model) if isinstance(model, dict) else model
         self.settings, self.model, self.in_channels, self.roi, self.preset = settings, model, in_channels, roi, preset
+        self.backbone = resolve_backbone(model)  # nnU-Net plans read once, however often the probe runs
+        self.backbone.check_roi(roi)
         self.device = torch.device(device)
         self.train_items = load_datalists(settings.data, settings.split)[: settings.limit]
         self.test_items = load_datalists(settings.test_data or settings.data, settings.test_split)
@@ -145,7 +148,7 @@ class Probe:
         """A fresh network of the architecture (seeded: the baseline's random init is fixed too)."""
         if seed is not None:
             torch.manual_seed(seed)
-        return build_backbone(self.model, self.in_channels, self.in_channels, self.roi)
+        return self.backbone.build(self.in_channels, self.in_channels, self.roi)
 
     def run(self, net: nn.Module) -> dict[str, Any]:
         """Frozen features of ``net`` → fitted head → {'mean_dice', 'dice': {class: value}} on the test volumes.
@@ -224,20 +227,8 @@ def plot(result: dict, path: Path) -> None:
 
 def plot_curve(metrics: Path, path: Path) -> None:
     """probe_dice over pretraining steps (RUN_DIR/metrics.jsonl), with the random-init baseline as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_jsonl(metrics)
     pts = [(r["step"], r["probe_dice"]) for r in rows if r.get("probe_dice") is not None]
     base = next((r["probe_baseline"] for r in rows if r.get("probe_baseline") is not None), None)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="pretrained (frozen)")
-    if base is not None:
-        ax.axhline(base, color="k", ls="--", label="random init")
-    ax.set_xlabel("pretraining step")
-    ax.set_ylabel("linear-probe mean Dice")
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    line_chart(path, [("pretrained (frozen)", pts)], "pretraining step", "linear-probe mean Dice",
+               None if base is None else ("random init", base))

@@ -3,5 +3,9 @@
 from . import data, evaluate, export, train  # noqa: F401 - each registers its commands on the app
 from .app import app, main
 
+# The order ``subfore --help`` lists them in: the README's order of use.
+_ORDER = ["phantoms", "show-mask", "analyze", "pretrain", "finetune", "probe", "fingerprint", "preprocess", "evaluate",
+          "predict", "study"]
+app.registered_commands.sort(key=lambda c: _ORDER.index(c.name or c.callback.__name__))
 
 __all__ = ["app", "main"]

@@ -20,7 +20,8 @@ import typer
 from ..errors import SubforeError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__.splitlines()[0]
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="The ``subfore`` command line: a thin layer over the Python API."
 )
 _state = {"debug": False}
 

@@ -10,6 +10,7 @@ import typer
 from ..errors import SubforeError
 from .app import _floats, _preset, _threshold, app
 
+
 @app.command()
 def phantoms(
     out_dir: Path = typer.Argument(..., help="folder to write imagesTr/, labelsTr/ and dataset.json into"),
@@ -112,8 +113,7 @@ def fingerprint(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set masking.threshold=0.2"),
 ) -> None:
     """Foreground share of random training crops: will foreground masks differ from random ones on this data?"""
-    from ..api import load_config
-    from ..api import fingerprint as run
+    from ..api import fingerprint as run, load_config
     from ..fingerprint import summary_line
 
     cfg = load_config(config, set_ or [])

@@ -10,6 +10,7 @@ import typer
 from ..errors import SubforeError
 from .app import _device, _label_map, _roi, app
 
+
 @app.command()
 def evaluate(
     checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="'subfore finetune' checkpoint(s); several → one table row each"),
@@ -31,11 +32,9 @@ def evaluate(
 ) -> None:
     """Per-case and mean Dice and NSD per class; metrics.json, a Markdown table and a bar chart."""
     from ..api import evaluate as run
-
+    from ..report import plot_bars, write_table
 
     mapping = _label_map(label_map)
-    from ..evaluate import plot_bars, write_table
-
     methods = list(method or [])
     if methods and len(methods) != len(checkpoint):
         raise SubforeError(f"--method given {len(methods)} times for {len(checkpoint)} checkpoints")
@@ -86,10 +85,10 @@ def probe(
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Linear probe of a frozen pretrained network vs the same network at random init (per-class Dice)."""
-    from ..probe import ProbeSettings, markdown_line, probe_encoder
-
     from pydantic import ValidationError
 
+    from ..api import ProbeSettings, probe as run
+    from ..probe import markdown_line
 
     try:
         settings = ProbeSettings(data=data if len(data) > 1 else data[0], split=split, test_split=test_split,
@@ -97,5 +96,5 @@ def probe(
     except ValidationError as err:
         e = err.errors()[0]
         raise SubforeError(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})") from None
-    result = probe_encoder(encoder, settings, out, _device(device))
+    result = run(encoder, settings, out, _device(device))
     typer.echo(f"{markdown_line(result)} → {out}")

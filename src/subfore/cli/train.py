@@ -10,22 +10,27 @@ import typer
 from ..preempt import STOP
 from .app import _resume, app
 
+# The three ways to continue a run (give at most one), shared by the training commands.
+RESUME = typer.Option(False, "--resume", help="continue RUN_DIR/checkpoints/last.ckpt")
+RESUME_FROM = typer.Option(None, "--resume-from", help="continue from this checkpoint")
+RESUME_IF_EXISTS = typer.Option(False, "--resume-if-exists",
+                                help="continue last.ckpt when there is one, else start (job scripts)")
+
+
 @app.command()
 def pretrain(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/pretrain/)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set masking.ratio=0.5"),
-    resume: bool = typer.Option(False, "--resume", help="continue RUN_DIR/checkpoints/last.ckpt"),
-    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint"),
-    resume_if_exists: bool = typer.Option(False, "--resume-if-exists",
-                                          help="continue last.ckpt when there is one, else start (job scripts)"),
+    resume: bool = RESUME,
+    resume_from: Optional[Path] = RESUME_FROM,
+    resume_if_exists: bool = RESUME_IF_EXISTS,
 ) -> None:
     """Pretrain a backbone by masked image modelling (SubFore and friends).
 
     Exit status: 0 done, 1 bad input, 75 stopped by SIGTERM/SIGUSR1 after saving last.ckpt (rerun with --resume).
     """
     STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
-    from ..api import load_config
-    from ..api import pretrain as run
+    from ..api import load_config, pretrain as run
 
     cfg = load_config(config, set_ or [])
     encoder = run(cfg, resume=_resume(resume, resume_from, resume_if_exists))
@@ -37,19 +42,16 @@ def finetune(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/finetune/)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set train.max_steps=500"),
     pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="RUN_DIR/encoder.pt or any checkpoint"),
-    resume: bool = typer.Option(False, "--resume", help="continue RUN_DIR/checkpoints/last.ckpt"),
-    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint"),
-    resume_if_exists: bool = typer.Option(False, "--resume-if-exists",
-                                          help="continue last.ckpt when there is one, else start (job scripts)"),
+    resume: bool = RESUME,
+    resume_from: Optional[Path] = RESUME_FROM,
+    resume_if_exists: bool = RESUME_IF_EXISTS,
 ) -> None:
     """Finetune a segmentation network (optionally from pretrained weights).
 
     Exit status: 0 done, 1 bad input, 75 stopped by SIGTERM/SIGUSR1 after saving last.ckpt (rerun with --resume).
     """
     STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
-    from ..api import load_config
-    from ..api import FinetuneConfig
-    from ..api import finetune as run
+    from ..api import FinetuneConfig, load_config, finetune as run
 
     cfg = load_config(config, set_ or [], FinetuneConfig)
     best = run(cfg, pretrained=pretrained, resume=_resume(resume, resume_from, resume_if_exists))
@@ -65,9 +67,8 @@ def study(
 ) -> None:
     """Pretrain, finetune and score every masking arm over seeds; resumable (finished arms are skipped)."""
     STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
-    from ..api import load_config
-    from ..study import StudyConfig, check_protocol, describe_protocol
-    from ..api import study as run
+    from ..api import StudyConfig, load_config, study as run
+    from ..study import check_protocol, describe_protocol
 
     cfg = load_config(config, set_ or [], StudyConfig)
     if check:

@@ -162,16 +162,21 @@ def load_datalist(source: str | Path, split: str = "training", check_files: bool
     if check_files:
         for item in items:
             for key in ("image", "label"):
-                for p in _as_list(item.get(key)):
+                for p in as_list(item.get(key)):
                     if not Path(p).exists():
                         raise DataError(p, f"listed in {src} but does not exist")
     return items
 
 
-def _as_list(value) -> list:
+def as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def first_source(sources: str | Path | list) -> str:
+    """The first of one or more datalist sources, for messages."""
+    return str(sources[0] if isinstance(sources, (list, tuple)) else sources)
 
 
 def load_datalists(sources: str | Path | list, split: str = "training") -> list[dict]:
@@ -185,6 +190,6 @@ def load_datalists(sources: str | Path | list, split: str = "training") -> list[
 
 def case_id(item: dict) -> str:
     """A short name for a datalist entry (file name without suffix, or folder name)."""
-    image = _as_list(item["image"])[0]
+    image = as_list(item["image"])[0]
     name = _case_name(Path(image))
     return name[:-5] if name.endswith("_0000") else name

@@ -7,6 +7,7 @@ so a phantom looks the same at any spacing. Organ shapes, sizes and positions va
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..dist import first_rank_prepares
 from ..io import write_json
 
 # BTCV organ ids (1…13 order: spleen, rkid, lkid, gall, eso, liver, sto, aorta, IVC, veins, pancreas, rag, lag).
@@ -242,9 +244,6 @@ def ensure_phantoms(source) -> None:
     """
     if source is None:
         return
-    import logging
-
-    from ..dist import first_rank_prepares
 
     def write() -> None:
         logging.getLogger(__name__).warning("generating %d phantoms in %s", source.n, source.dir)

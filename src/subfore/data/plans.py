@@ -77,5 +77,3 @@ def preset_from_plans(path: str | Path, configuration: str = "3d_fullres", chann
                                  mean=p.get("mean"), std=p.get("std"), lower=p.get("percentile_00_5"),
                                  upper=p.get("percentile_99_5")))
     return Preset(modality="nnunet", spacing=tuple(reversed(sitk)), channels=channels, norms=tuple(norms), axes=axes)
-
-

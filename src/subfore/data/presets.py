@@ -1,6 +1,6 @@
 """Intensity presets: how a raw CT or MRI volume becomes a normalised, resampled, RAS-oriented crop.
 
-``nnunet`` presets are built from an nnU-Net plans file (:func:`subfore.nnunet.preset_from_plans`).
+``nnunet`` presets are built from an nnU-Net plans file (:func:`subfore.data.plans.preset_from_plans`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from ..errors import ConfigError
+from ..masking.foreground import parse_threshold
 from ..masking.grid import Threshold, Window
 
 
@@ -104,8 +105,6 @@ class Preset(BaseModel):
 
         nnunet without CTNormalization: no HU, and no bounds (z-scores have none).
         """
-        from ..masking.foreground import parse_threshold
-
         window = self.window
         if self.modality == "nnunet":
             if threshold_hu is not None and window is None:

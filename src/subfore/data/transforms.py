@@ -140,6 +140,17 @@ def preprocess(preset: Preset, keys: Sequence[str] = ("image",)) -> list:
     ] + order
 
 
+def eval_transforms(cfg, preset: Preset, with_label: bool = True) -> Compose:
+    """Preprocess the whole volume (and its label, through a finetuning config's label settings) for
+    sliding-window inference; cfg: a FinetuneConfig (its ``data`` label keys and ``model.out_channels``)."""
+    keys = ["image", "label"] if with_label else ["image"]
+    t = preprocess(preset, keys)
+    if with_label:
+        d = cfg.data
+        t += label_transforms(d.label_map, d.regions, d.brats_labels, cfg.model.out_channels)
+    return Compose(t)
+
+
 def pretrain_transforms(preset: Preset, roi: Sequence[int], samples: int = 1) -> Compose:
     """Preprocess, pad to the ROI, then ``samples`` random ROI crops per volume (no augmentation, as the paper)."""
     return Compose(
@@ -161,8 +172,9 @@ def center_transforms(preset: Preset, roi: Sequence[int], keys: Sequence[str] = 
 
 # --- labels ---------------------------------------------------------------------------------------------
 def remap_labels(label: torch.Tensor, mapping: Mapping[int, int]) -> torch.Tensor:
-    """Label ids (any shape) through ``{src: dst}``; ids not listed (and negative ones) become background (0)."""
-    t = torch.as_tensor(label).round().long().clamp_min(0)
+    """Label ids (any shape, integer-valued; fractions are truncated) through ``{src: dst}``; ids not listed (and
+    negative ones) become background (0)."""
+    t = torch.as_tensor(label).long().clamp_min(0)
     lut = torch.zeros(max(int(t.max()), max(int(k) for k in mapping)) + 1, dtype=torch.long)
     for src, dst in mapping.items():
         lut[int(src)] = int(dst)
@@ -188,7 +200,6 @@ class RemapLabelsd(MapTransform):
     def __init__(self, keys: KeysCollection, mapping: Mapping[int, int]) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.remap = RemapLabels(mapping)
-        self.mapping = self.remap.mapping
 
     def __call__(self, data):
         d = dict(data)

@@ -47,11 +47,13 @@ def module_digest(module: torch.nn.Module) -> int:
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
+
 def gather_scalars(module: pl.LightningModule, values: Sequence[torch.Tensor]) -> list[list[float]]:
     """Every rank's value of each scalar: ``[[rank 0, rank 1, …] for each value]`` (a collective)."""
     local = torch.stack([torch.as_tensor(v).detach().double().to(module.device) for v in values])
     gathered = module.all_gather(local).reshape(-1, len(values)).cpu()
     return [[float(x) for x in gathered[:, i]] for i in range(len(values))]
+
 
 class RunModule(pl.LightningModule):
     """Optimiser steps that all ranks take or skip together, and preemption requests agreed at step boundaries.
@@ -151,4 +153,3 @@ class RunModule(pl.LightningModule):
         state = checkpoint.get("subfore", {})
         self.skipped_steps = state.get("skipped_steps", 0)
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
-

@@ -80,6 +80,7 @@ class RunControl(Callback):
             raise SubforeError(f"{self.run_dir}: the weights of {', '.join(diverged)} differ between ranks at step "
                                f"{trainer.global_step} (see metrics.jsonl); this is a bug, please report it")
 
+
 class MetricsWriter(Callback):
     """Rank 0 appends to RUN_DIR/metrics.jsonl the module's row after each logged optimiser step
     (:meth:`RunModule.pop_row`) and its validation metrics (:attr:`RunModule.val_metrics`) after each validation."""

@@ -26,6 +26,7 @@ def mix_seed(*values: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence; the same on every platform)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
+
 class DrawDataset(Dataset):
     """Map a global draw index to (volume, transform seed): ``volumes[perm_e[g mod n]]`` seeded from (seed, g).
 
@@ -101,7 +102,6 @@ def shard(items: Sequence[dict], rank: int, world: int) -> list[dict]:
     mine = [{**item, "weight": 1.0} for item in list(items)[rank::world]]
     size = -(-len(items) // world)
     return mine + [{**items[0], "weight": 0.0}] * (size - len(mine))
-
 
 
 def make_loaders(volumes, val_dataset, seed: int, per_batch: int, trainer: pl.Trainer, num_workers: int

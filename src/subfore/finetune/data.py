@@ -17,13 +17,12 @@ from monai.transforms import (
 )
 
 from ..config import FinetuneConfig
-from ..data.datalist import load_datalists
+from ..data.datalist import first_source, load_datalists
 from ..data.dataset import make_dataset
 from ..data.presets import Preset
-from ..data.transforms import label_transforms, preprocess
+from ..data.transforms import eval_transforms, label_transforms, preprocess
 from ..engine.sampling import check_fill, make_loaders, shard
 from ..errors import DataError
-from ..inference import eval_transforms
 
 
 def train_transforms(cfg: FinetuneConfig, preset: Preset) -> Compose:
@@ -64,7 +63,7 @@ def finetune_cases(cfg: FinetuneConfig) -> tuple[list[dict], list[dict] | None]:
     missing = [i["image"] for i in items if "label" not in i]
     if missing:
         raise DataError(missing[0], "has no label: finetuning needs an image/label pair for every training case")
-    source = d.train if isinstance(d.train, str) else d.train[0]
+    source = first_source(d.train)
     val_items = None
     if d.holdout:
         if d.holdout >= len(items):
@@ -76,7 +75,7 @@ def finetune_cases(cfg: FinetuneConfig) -> tuple[list[dict], list[dict] | None]:
     if d.val:
         val_items = load_datalists(d.val, d.val_split)
         if not val_items:
-            raise DataError(d.val if isinstance(d.val, str) else d.val[0], f"the '{d.val_split}' split is empty")
+            raise DataError(first_source(d.val), f"the '{d.val_split}' split is empty")
         no_label = [i["image"] for i in val_items if "label" not in i]
         if no_label:
             raise DataError(no_label[0], "validation case without a label")
@@ -88,7 +87,7 @@ def loaders(cfg: FinetuneConfig, preset: Preset, items: list[dict], val_items: l
     d, t = cfg.data, cfg.train
     rank, world = trainer.global_rank, trainer.world_size
     per_batch = check_fill(len(items), t.batch_size, d.samples_per_volume, world,
-                           str(d.train if isinstance(d.train, str) else d.train[0]))
+                           first_source(d.train))
     train_ds = make_dataset(items, train_transforms(cfg, preset), d.cache_dir,
                             cache_key=(preset, "seg", d.label_map, d.regions, d.brats_labels, d.foreground_crop,
                                        list(d.roi)),

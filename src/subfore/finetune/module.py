@@ -21,7 +21,10 @@ class SegmentationModel(RunModule):
         super().__init__(cfg.seed, cfg.train.max_bad_steps)
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.model_dump(mode="json"), "kind": "subfore-finetune"})
-        self.backbone = backbone or resolve_backbone(cfg.model)
+        if backbone is None:
+            backbone = resolve_backbone(cfg.model)
+            backbone.check_roi(cfg.data.roi)
+        self.backbone = backbone
         self.net = self.backbone.build(cfg.data.channels, cfg.model.out_channels, cfg.data.roi)
         self.loss = DiceCELoss(to_onehot_y=not cfg.sigmoid, softmax=not cfg.sigmoid, sigmoid=cfg.sigmoid)
 

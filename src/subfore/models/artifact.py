@@ -43,7 +43,9 @@ def write_encoder(run_dir: str | Path, state: dict[str, torch.Tensor], meta: Enc
     """Write RUN_DIR/encoder.pt and RUN_DIR/encoder.json (each atomically); return the .pt path."""
     run_dir = Path(run_dir)
     path = torch_save(state, run_dir / "encoder.pt")
-    write_json(run_dir / "encoder.json", meta.model_dump(mode="json", exclude_none=True))
+    # Absent rather than null at the top level (step, nnunet), as format 1 has always written them.
+    dumped = {k: v for k, v in meta.model_dump(mode="json").items() if v is not None}
+    write_json(run_dir / "encoder.json", dumped)
     return path
 
 
@@ -56,13 +58,23 @@ def read_encoder_meta(path: str | Path) -> EncoderMeta:
                            f"encoder.pt")
     try:
         meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict) or "name" not in meta.get("model", {}):
-            raise KeyError("model.name")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SubforeError(f"{meta_path}: not valid JSON ({exc})") from None
+    if isinstance(meta, dict) and isinstance(meta.get("format"), int) and meta["format"] > ENCODER_FORMAT:
+        raise SubforeError(f"{meta_path}: encoder.json format {meta['format']} is newer than this subfore reads "
+                           f"(format {ENCODER_FORMAT}); upgrade subfore")
+    try:
+        if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "name" not in meta["model"]:
+            raise KeyError("model")
         return EncoderMeta.model_validate(meta)
-    except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise SubforeError(f"{meta_path}: not an encoder.json written by subfore pretrain "
-                           f"({type(exc).__name__}: {first})") from None
+    except (KeyError, ValidationError) as exc:
+        if isinstance(exc, ValidationError):
+            e = exc.errors()[0]
+            key = ".".join(str(p) for p in e["loc"])
+            why = f"KeyError: {key!r}" if e["type"] == "missing" else f"{key}: {e['msg']}"
+        else:
+            why = f"KeyError: {exc}"
+        raise SubforeError(f"{meta_path}: not an encoder.json written by subfore pretrain ({why})") from None
 
 
 def read_encoder(path: str | Path) -> tuple[EncoderMeta, dict[str, torch.Tensor]]:

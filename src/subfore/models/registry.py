@@ -28,7 +28,8 @@ class BackboneSpec:
     build: Callable[..., nn.Module]
     #: key prefixes of the encoder: the part a pretrained checkpoint must fill
     encoder: tuple[str, ...]
-    #: key prefix of the output layer: never loaded from a pretraining, left out of exported weights
+    #: key prefix of the output layer: never loaded from a pretraining, left out of exported weights; the linear
+    #: probe reads the input of this layer (the last of it, for a ModuleList), so it must be the final 1×1×1 conv
     head: str
     pretrain_lr: float
     finetune_lr: float
@@ -48,7 +49,9 @@ class BackboneSpec:
         return module
 
 
-def _monai(build):
+def from_section(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """A builder ``(model section, in_channels, out_channels, roi)`` as a spec's ``build`` (which also receives the
+    nnU-Net architecture, None for these families)."""
     return lambda m, cin, cout, roi, arch: build(m, cin, cout, roi)
 
 
@@ -57,15 +60,24 @@ def _nnunet(m, cin, cout, roi, arch):
 
 
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
-    BackboneSpec("swinunetr", _monai(monai_nets.swinunetr), ("swinViT.",), "out.", 8e-4, 1e-3,
-                 monai_nets.check_swinunetr_roi),
-    BackboneSpec("unetr", _monai(monai_nets.unetr), ("vit.",), "out.", 1e-4, 3e-4,
-                 monai_nets.check_multiple_of_16("unetr")),
-    BackboneSpec("basicunet", _monai(monai_nets.basicunet), ("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
-                 "final_conv.", 1e-3, 1e-3, monai_nets.check_multiple_of_16("basicunet")),
-    BackboneSpec("resenc", _nnunet, ("encoder.",), "decoder.seg_layers.", 1e-3, 1e-3, nnunet=True),
-    BackboneSpec("resenc_l", _nnunet, ("encoder.",), "decoder.seg_layers.", 1e-3, 1e-3, nnunet=True),
+    BackboneSpec(name="swinunetr", build=from_section(monai_nets.swinunetr), encoder=("swinViT.",), head="out.",
+                 pretrain_lr=8e-4, finetune_lr=1e-3, check_roi=monai_nets.check_swinunetr_roi),
+    BackboneSpec(name="unetr", build=from_section(monai_nets.unetr), encoder=("vit.",), head="out.",
+                 pretrain_lr=1e-4, finetune_lr=3e-4, check_roi=monai_nets.check_multiple_of_16("unetr")),
+    BackboneSpec(name="basicunet", build=from_section(monai_nets.basicunet),
+                 encoder=("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."), head="final_conv.",
+                 pretrain_lr=1e-3, finetune_lr=1e-3, check_roi=monai_nets.check_multiple_of_16("basicunet")),
+    BackboneSpec(name="resenc", build=_nnunet, encoder=("encoder.",), head="decoder.seg_layers.",
+                 pretrain_lr=1e-3, finetune_lr=1e-3, nnunet=True),
+    BackboneSpec(name="resenc_l", build=_nnunet, encoder=("encoder.",), head="decoder.seg_layers.",
+                 pretrain_lr=1e-3, finetune_lr=1e-3, nnunet=True),
 )}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Make a backbone family available to ``model.name`` (from a plug-in module, before configs are loaded)."""
+    BACKBONES[spec.name] = spec
+    return spec
 
 
 def backbone_spec(name: str) -> BackboneSpec:
@@ -100,8 +112,7 @@ class Backbone:
         return nnunet_nets.describe(self.spec.name, m.nnunet_plans, m.nnunet_configuration)
 
     def build(self, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
-        """(B, in_channels, *roi) → (B, out_channels, *roi); the crop is checked first."""
-        self.check_roi(roi)
+        """(B, in_channels, *roi) → (B, out_channels, *roi) for a crop :meth:`check_roi` accepted."""
         return self.spec.build(self.model, in_channels, out_channels, tuple(roi), copy.deepcopy(self.architecture))
 
     def encoder_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,4 +136,6 @@ def resolve_backbone(model) -> Backbone:
 
 def build_backbone(model, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
     """A segmentation network for a model section: (B, in_channels, *roi) → (B, out_channels, *roi)."""
-    return resolve_backbone(model).build(in_channels, out_channels, roi)
+    backbone = resolve_backbone(model)
+    backbone.check_roi(roi)
+    return backbone.build(in_channels, out_channels, roi)

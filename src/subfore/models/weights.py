@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SubforeError
+from .artifact import read_encoder_meta
 from .registry import backbone_spec
 
 
@@ -116,6 +117,16 @@ def _adapt(src: torch.Tensor, dst: torch.Tensor, mode: str) -> torch.Tensor | No
     return repeat_stem(src, dst.shape[1])
 
 
+def check_family(path: str | Path, family: str) -> None:
+    """A pretraining's encoder.pt is read with its encoder.json: refuse, in one line, weights of another backbone."""
+    path = Path(path)
+    if path.name == "encoder.pt" and path.with_name("encoder.json").is_file():
+        meta = read_encoder_meta(path)
+        if meta.name != family:
+            raise SubforeError(f"{path}: a {meta.name} pretraining (its encoder.json), but this network is a {family}; "
+                               f"set model.name: {meta.name} (and its sizes) or give weights of a {family}")
+
+
 def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_channels: str = "repeat",
                     min_encoder: float = 0.9) -> LoadReport:
     """Load ``path`` into ``net`` (family ``swinunetr``/``unetr``/``basicunet``) non-strictly and report.
@@ -125,6 +136,7 @@ def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_chan
     """
     if adapt_in_channels not in ("repeat", "reinit"):
         raise SubforeError(f"finetune.adapt_in_channels must be 'repeat' or 'reinit', got {adapt_in_channels!r}")
+    check_family(path, family)
     source = read_state_dict(path)
     target = net.state_dict()
     report = LoadReport(source=str(path))

@@ -9,21 +9,16 @@ from dataclasses import dataclass, field
 import lightning.pytorch as pl
 
 from ..config import PretrainConfig
-from ..data.datalist import load_datalists
+from ..data.datalist import first_source, load_datalists
 from ..data.dataset import make_dataset
 from ..data.phantoms import ensure_phantoms
 from ..data.presets import Preset
-from ..data.store import StoreCrops, StoreSpec, preprocess_store, records_for, wait_for_store
+from ..data.store import StoreCrops, StoreSpec, preprocess_store, records_for, store_spec, wait_for_store
 from ..data.transforms import center_transforms, pretrain_transforms
 from ..engine.sampling import check_fill, make_loaders, shard
 from ..errors import DataError
 from ..masking import Window
 from ..models.registry import Backbone, resolve_backbone
-
-
-def source_name(source: str | Sequence[str]) -> str:
-    """The first datalist of ``data.train``/``data.val``, for messages."""
-    return str(source if isinstance(source, str) else source[0])
 
 
 @dataclass
@@ -40,16 +35,18 @@ class PretrainPlan:
 
     def store(self) -> StoreSpec:
         """The crop store under ``data.cache_dir`` for this preset and dtype."""
-        d = self.cfg.data
-        return StoreSpec.under(d.cache_dir, self.preset, d.store_dtype, roi=tuple(d.roi), threshold=self.threshold,
-                               subvolume=self.cfg.masking.subvolume_size)
+        return store_spec(self.cfg.data, self.preset, self.threshold, self.cfg.masking.subvolume_size)
 
 
-def resolve(cfg: PretrainConfig, read_data: bool = True) -> PretrainPlan:
-    """Check the crop against the backbone, resolve λ, generate the built-in phantoms if asked, read the datalists."""
+def resolve(cfg: PretrainConfig, read_data: bool = True, check_roi: bool = True) -> PretrainPlan:
+    """Check the crop against the backbone, resolve λ, generate the built-in phantoms if asked, read the datalists.
+
+    read_data, check_roi: off for a caller that only samples crops (fingerprint), which reads its own datalist.
+    """
     d = cfg.data
     backbone = resolve_backbone(cfg.model)
-    backbone.check_roi(d.roi, cfg.masking.subvolume_size)
+    if check_roi:
+        backbone.check_roi(d.roi, cfg.masking.subvolume_size)
     threshold, window = cfg.foreground_threshold()
     plan = PretrainPlan(cfg, backbone, d.preset_obj(), threshold, window)
     if read_data:
@@ -57,7 +54,7 @@ def resolve(cfg: PretrainConfig, read_data: bool = True) -> PretrainPlan:
         plan.train_items = load_datalists(d.train, d.train_split)
         plan.val_items = load_datalists(d.val, d.val_split) if d.val else []
         if d.val and not plan.val_items:
-            raise DataError(source_name(d.val), f"the '{d.val_split}' split is empty")
+            raise DataError(first_source(d.val), f"the '{d.val_split}' split is empty")
     return plan
 
 
@@ -111,7 +108,7 @@ class CropData(pl.LightningDataModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         volumes = crop_volumes(self.plan, self.plan.train_items, d.samples_per_volume, rank=rank, world=world,
                                also_build=self.plan.val_items, progress=t.progress_bar and rank == 0)
-        per_batch = check_fill(len(volumes), t.batch_size, d.samples_per_volume, world, source_name(d.train))
+        per_batch = check_fill(len(volumes), t.batch_size, d.samples_per_volume, world, first_source(d.train))
         self.loaders = make_loaders(volumes, validation_volumes(self.plan, rank, world), self.plan.cfg.seed,
                                     per_batch, self.trainer, d.num_workers)
 

@@ -16,9 +16,10 @@ from ..config import PretrainConfig, dump_config
 from ..engine.run import MetricsWriter, RunControl, make_trainer, resolve_resume
 from ..engine.sampling import check_fill
 from ..io import append_jsonl, read_jsonl
-from ..probe import Probe, plot_curve
+from ..probe import Probe, load_into, plot_curve
 from ..visualize import save_snapshot
-from .data import CropData, resolve, source_name
+from ..data.datalist import first_source
+from .data import CropData, resolve
 from .module import MaskedImageModel
 
 
@@ -38,8 +39,7 @@ class RunArtifacts(Callback):
             self._probe = Probe(cfg.probe, cfg.model, cfg.data.channels, cfg.data.roi, cfg.data.preset_obj(),
                                 pl_module.device)
         net = self._probe.network()
-        net.load_state_dict({k: v for k, v in pl_module.net.state_dict().items()
-                             if k in net.state_dict() and v.shape == net.state_dict()[k].shape}, strict=False)
+        load_into(net, pl_module.backbone.encoder_state(pl_module.net), cfg.model.name, self.run_dir)
         row = {"step": step, "probe_dice": self._probe.run(net)["mean_dice"]}
         metrics = self.run_dir / "metrics.jsonl"
         if not any("probe_baseline" in r for r in read_jsonl(metrics)):
@@ -81,7 +81,7 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
                                         control], cfg.data.val is not None)
     d = cfg.data
     # Fail before launching anything when the data cannot fill a batch on every rank.
-    check_fill(len(plan.train_items), t.batch_size, d.samples_per_volume, trainer.world_size, source_name(d.train))
+    check_fill(len(plan.train_items), t.batch_size, d.samples_per_volume, trainer.world_size, first_source(d.train))
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")

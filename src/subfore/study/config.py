@@ -138,22 +138,22 @@ def expand_arms(cfg: StudyConfig) -> list[tuple[str, dict[str, Any] | None]]:
     return arms
 
 
-def _tree(base: dict, overrides: dict[str, Any]) -> dict:
+def with_overrides(base: dict, overrides: dict[str, Any]) -> dict:
     tree = copy.deepcopy(base)
     for k, v in overrides.items():
         set_dotted(tree, k, v)
     return tree
 
 
-def _existing(paths: list[str]) -> list[str]:
+def existing(paths: list[str]) -> list[str]:
     return [p for p in paths if Path(p).exists()]
 
 
 def finetune_config(cfg: StudyConfig, run_dir: Path | str, seed: int) -> FinetuneConfig:
     """The finetuning config of one arm: the shared ``finetune:`` section plus the study's named data."""
     st = cfg.study
-    tree = _tree(cfg.finetune, {"run_dir": str(run_dir), "seed": seed, "data.train": st.finetune_train.data,
-                                "data.train_split": st.finetune_train.split, "finetune.select": st.select})
+    tree = with_overrides(cfg.finetune, {"run_dir": str(run_dir), "seed": seed, "data.train": st.finetune_train.data,
+                                         "data.train_split": st.finetune_train.split, "finetune.select": st.select})
     for key in ("val", "val_split", "holdout"):
         tree.setdefault("data", {}).pop(key, None)  # the study names the validation set, nothing else does
     if st.finetune_val is not None and st.finetune_val.holdout:
@@ -161,4 +161,3 @@ def finetune_config(cfg: StudyConfig, run_dir: Path | str, seed: int) -> Finetun
     elif st.finetune_val is not None:
         tree["data"].update(val=st.finetune_val.data, val_split=st.finetune_val.split)
     return load_config(None, [], FinetuneConfig, base=tree)
-

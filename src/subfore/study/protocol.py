@@ -8,7 +8,7 @@ from typing import Any
 from ..data.datalist import case_id, load_datalists
 from ..errors import ConfigError
 from ..finetune.data import finetune_cases
-from .config import StudyConfig, _existing, finetune_config
+from .config import StudyConfig, existing, finetune_config
 
 
 def _text_key(source: str, split: str) -> str:
@@ -62,7 +62,7 @@ def check_protocol(cfg: StudyConfig) -> dict:
         files, texts = _cases(d.val, d.val_split)
         roles["finetuning validation"] = (files, texts)
     pre_split = cfg.pretrain.get("data", {}).get("train_split", "training")
-    pre_files, pre_texts = _cases(st.pretrain_data + _existing(st.pretrain_data_optional), pre_split)
+    pre_files, pre_texts = _cases(st.pretrain_data + existing(st.pretrain_data_optional), pre_split)
     protocol: dict[str, Any] = {
         "finetune_train": {"data": st.finetune_train.data, "split": st.finetune_train.split,
                            "limit_train": d.limit_train, "cases": len(roles["finetuning training"][0]) or None},
@@ -114,4 +114,3 @@ def describe_protocol(protocol: dict) -> list[str]:
     for name, cases in protocol["pretrain_overlap"].items():
         lines.append(f"warning: test '{name}' cases were also pretraining data: {', '.join(cases)}")
     return lines
-

@@ -69,7 +69,7 @@ def _plots(results, arms, tests, summary, out: Path) -> None:
     series = [(test, [summary[test].get(a, (None, None))[0] for a in arms]) for test in tests]
     errors = [[summary[test].get(a, (None, None))[1] for a in arms] for test in tests]
     bar_chart(out / "dice.png", arms, series, "mean Dice (± std over seeds)", errors=errors, ylim=None, rotation=30,
-              group_width=1.1)
+              group_width=1.1, pad=0)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for arm in arms:
         runs = [r for r in results if r["arm"] == arm]

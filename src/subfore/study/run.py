@@ -23,7 +23,7 @@ from ..io import read_jsonl, write_json
 from ..models.artifact import read_encoder
 from ..pretrain import pretrain
 from ..probe import PROBE_VERSION, Probe, load_into
-from .config import StudyConfig, _existing, _tree, expand_arms, finetune_config, parse_arm
+from .config import StudyConfig, existing, with_overrides, expand_arms, finetune_config, parse_arm
 from .protocol import check_protocol, describe_protocol
 from .report import summarize
 
@@ -38,8 +38,8 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
     encoder = None
     pre_curve: list = []
     if over is not None:
-        tree = _tree(cfg.pretrain, {**over, "run_dir": str(run / "pretrain"), "seed": seed})
-        tree.setdefault("data", {})["train"] = st.pretrain_data + _existing(st.pretrain_data_optional)
+        tree = with_overrides(cfg.pretrain, {**over, "run_dir": str(run / "pretrain"), "seed": seed})
+        tree.setdefault("data", {})["train"] = st.pretrain_data + existing(st.pretrain_data_optional)
         pcfg = load_config(None, [], PretrainConfig, base=tree)
         encoder = pretrain(pcfg, resume="auto")
         pre_curve = _curve(run / "pretrain" / "metrics.jsonl", "loss")
@@ -81,7 +81,7 @@ def probe_arm(cfg: StudyConfig, arm: str, seed: int) -> dict:
     """The linear probe of one arm's frozen network: its pretrained encoder, or for scratch its random init."""
     st = cfg.study
     over = dict(next((o for a, o in expand_arms(cfg) if a == arm), None) or {})
-    pcfg = load_config(None, [], PretrainConfig, base=_tree(cfg.pretrain, {**over, "data.train": "unused"}))
+    pcfg = load_config(None, [], PretrainConfig, base=with_overrides(cfg.pretrain, {**over, "data.train": "unused"}))
     # The probe runs where pretraining ran.
     probe = Probe(st.probe, pcfg.model, pcfg.data.channels, pcfg.data.roi, pcfg.data.preset_obj(),
                   device_for(pcfg.train.accelerator))
@@ -106,7 +106,7 @@ def study(cfg: StudyConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for ph in st.phantoms:
         ensure_phantoms(ph)
-    if not st.pretrain_data and not _existing(st.pretrain_data_optional):
+    if not st.pretrain_data and not existing(st.pretrain_data_optional):
         raise ConfigError("study.pretrain_data: no pretraining data")
     protocol = check_protocol(cfg)  # again, now that generated data exists: file by file
     for line in describe_protocol(protocol):
@@ -128,4 +128,3 @@ def study(cfg: StudyConfig) -> Path:
             results.append(run_one(cfg, arm, over, seed))
     summarize(results, out, protocol)
     return out
-

@@ -26,12 +26,13 @@ from .spec import (
     source_signature,
     source_text,
     store_for,
+    store_spec,
     volume_id,
 )
 
 __all__ = [
     "BLOCK", "DTYPES", "STORE_FORMAT", "StoreCrops", "StoreSpec", "StoreWriteError", "body_bbox", "build_volume",
     "chunk_shapes", "crop_starts", "foreground_share", "padded_origin", "preprocess_config", "preprocess_store",
-    "read_crop", "record_failure", "records_for", "source_signature", "source_text", "store_for", "unique_items",
-    "volume_id", "wait_for_store", "write_manifest",
+    "read_crop", "record_failure", "records_for", "source_signature", "source_text", "store_for", "store_spec",
+    "unique_items", "volume_id", "wait_for_store", "write_manifest",
 ]

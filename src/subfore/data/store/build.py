@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ...errors import DataError, SubforeError
-from ...io import write_text
+from ...io import atomic_path, write_text
 from ...masking.grid import foreground_grid
-from ..datalist import _as_list, load_datalists
+from ..datalist import as_list, load_datalists
 from ..dataset import load_item, named_error
 from ..phantoms import ensure_phantoms
 from ..transforms import preprocess
@@ -25,8 +25,8 @@ from .spec import (
     DTYPES,
     StoreSpec,
     StoreWriteError,
-    _full_signature,
-    _locked,
+    full_signature,
+    locked,
     chunk_shapes,
     source_signature,
     source_text,
@@ -35,11 +35,6 @@ from .spec import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _fsync(path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def body_bbox(image: np.ndarray) -> list[list[int]]:
@@ -81,7 +76,7 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
     data = load_item(Compose(preprocess(spec.preset, keys)), {k: item[k] for k in keys})
     image = data["image"]
     image = (image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)).float()
-    where = str(_as_list(item["image"])[0])
+    where = str(as_list(item["image"])[0])
     arr = image.numpy().astype(DTYPES[spec.dtype])
     if not np.isfinite(arr).all():
         raise DataError(where, f"preprocessed values exceed {spec.dtype}'s range (set data.store_dtype: float32)")
@@ -109,11 +104,9 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
             # Left by a writer killed mid-write (the caller holds this volume's lock, so none is live).
             for stale in final.parent.glob(f".{final.name}.*.partial"):
                 stale.unlink(missing_ok=True)
-            tmp = final.with_name(f".{final.name}.{socket.gethostname()}-{os.getpid()}.partial")
-            blosc2.asarray(np.ascontiguousarray(a), urlpath=str(tmp), chunks=ch, blocks=bl, cparams=cparams,
-                           mode="w")
-            _fsync(tmp)
-            os.replace(tmp, final)
+            with atomic_path(final, fsync=True, suffix=".partial") as tmp:
+                blosc2.asarray(np.ascontiguousarray(a), urlpath=str(tmp), chunks=ch, blocks=bl, cparams=cparams,
+                               mode="w")
             rel = final.relative_to(spec.root).as_posix()
             size = final.stat().st_size
             if kind == "image":
@@ -137,7 +130,7 @@ def record_failure(spec: StoreSpec, item: dict, error: str) -> None:
     p = spec.path("failed", volume_id(item))
     p.parent.mkdir(parents=True, exist_ok=True)
     try:
-        sig = _full_signature(item)
+        sig = full_signature(item)
     except OSError:
         sig = None
     write_text(p, json.dumps({"source": source_text(item), "error": error, "signature": sig}), fsync=True)
@@ -146,7 +139,7 @@ def record_failure(spec: StoreSpec, item: dict, error: str) -> None:
 def write_manifest(spec: StoreSpec) -> dict:
     """Merge every record and failure into manifest.json (under a lock: shards on other nodes merge too)."""
     spec.root.mkdir(parents=True, exist_ok=True)
-    with _locked(spec.root / ".manifest.lock"):
+    with locked(spec.root / ".manifest.lock"):
         volumes, failed = [], []
         for folder, out in (("records", volumes), ("failed", failed)):
             for p in sorted((spec.root / folder).glob("*.json")):
@@ -181,7 +174,7 @@ def unique_items(items: Iterable[dict]) -> list[dict]:
 def _build_job(args) -> tuple[int, str, str | None]:
     """Build one volume under its lock → (index, outcome, message); outcome built | busy | done | bad | store."""
     spec, item, index, rank = args
-    with _locked(spec.root / "locks" / f"{volume_id(item)}.lock", blocking=False) as mine:
+    with locked(spec.root / "locks" / f"{volume_id(item)}.lock", blocking=False) as mine:
         if not mine:
             return index, "busy", None  # another process is building it; wait_for_store sees it finish
         if spec.record(item) is not None:
@@ -358,4 +351,3 @@ def records_for(spec: StoreSpec, items: Sequence[dict], skip_bad: bool) -> list[
         log.warning("left out %d unreadable volume(s) listed under 'failed' in %s (data.skip_bad)", skipped,
                     spec.root / "manifest.json")
     return out
-

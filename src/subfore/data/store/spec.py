@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import SubforeError
-from ..datalist import _as_list, case_id
+from ..datalist import as_list, case_id
 from ..presets import Preset
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 def source_signature(item: dict, key: str = "image") -> dict:
     """Size (bytes) and newest mtime (ns) over the files of ``item[key]`` (image channels, DICOM folders)."""
     size, mtime = 0, 0
-    for p in map(Path, _as_list(item.get(key))):
+    for p in map(Path, as_list(item.get(key))):
         files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
         for f in files:
             st = f.stat()
@@ -134,13 +134,13 @@ class StoreSpec:
         except (OSError, json.JSONDecodeError):
             return None
         try:
-            changed = fail.get("signature") != _full_signature(item)
+            changed = fail.get("signature") != full_signature(item)
         except OSError:
             changed = False
         return None if changed else fail
 
 
-def _full_signature(item: dict) -> dict:
+def full_signature(item: dict) -> dict:
     sig = source_signature(item)
     return {**sig, "label": source_signature(item, "label")} if item.get("label") else sig
 
@@ -150,7 +150,7 @@ class StoreWriteError(SubforeError):
 
 
 @contextmanager
-def _locked(path: Path, blocking: bool = True):
+def locked(path: Path, blocking: bool = True):
     """An exclusive flock on ``path`` (works across NFS clients); yields False when ``blocking`` is off and another
     process holds it. Where the filesystem has no locks (Lustre without -o flock) it proceeds unlocked."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,12 +166,15 @@ def _locked(path: Path, blocking: bool = True):
         yield True
 
 
-def store_for(cfg) -> StoreSpec:
-    """The store a PretrainConfig reads: its preset, ``data.store_dtype``, ROI and λ under ``data.cache_dir``."""
-    d, mk = cfg.data, cfg.masking
-    if d.cache_dir is None:
+def store_spec(data, preset: Preset, threshold: float | str, subvolume: int) -> StoreSpec:
+    """The store a pretraining's ``data`` section reads: ``preset``, ``data.store_dtype``, ROI and λ (normalised, or
+    "otsu") under ``data.cache_dir``."""
+    if data.cache_dir is None:
         raise SubforeError("data.cache_dir is null: the store needs a folder (set data.cache_dir)")
-    return StoreSpec.under(d.cache_dir, d.preset_obj(), d.store_dtype, roi=tuple(d.roi),
-                           threshold=cfg.foreground_threshold(), subvolume=mk.subvolume_size)
+    return StoreSpec.under(data.cache_dir, preset, data.store_dtype, roi=tuple(data.roi), threshold=threshold,
+                           subvolume=subvolume)
 
 
+def store_for(cfg) -> StoreSpec:
+    """The store a PretrainConfig reads (its preset and λ as ``cfg.foreground_threshold`` resolves them)."""
+    return store_spec(cfg.data, cfg.data.preset_obj(), cfg.foreground_threshold()[0], cfg.masking.subvolume_size)

@@ -11,11 +11,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ...errors import SubforeError
 from ...io import torch_save
 from ..artifact import read_encoder_meta
 from ..weights import repeat_stem
 from .network import MODELS, SEG, architecture, build_network, in_projection_keys, load_architecture
+
 
 @dataclass
 class ExportReport:
@@ -50,8 +53,6 @@ def match_weights(state: dict, target: dict, stem: tuple[str, ...], c_pre: int, 
 
     Fails with one line naming the first key that does not fit, with both shapes.
     """
-    import torch
-
     out, adapted = {}, []
     for key, ref in target.items():
         if SEG in key:
@@ -77,8 +78,6 @@ def match_weights(state: dict, target: dict, stem: tuple[str, ...], c_pre: int, 
 
 def _load_and_compare(path: Path, arch: dict, in_channels: int, expected: dict) -> str:
     """Load ``path`` into a fresh network from ``arch`` with nnU-Net's loader (or its checks) and compare."""
-    import torch
-
     net = build_network(arch, in_channels, 2)
     try:
         from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
@@ -116,8 +115,6 @@ def export_nnunet(run_dir: str | Path, out: str | Path, plans: str | Path | None
     The target network is built from ``plans``/``configuration`` (default: the pretraining's own architecture)
     with ``in_channels`` inputs; the file is then loaded back with nnU-Net's ``load_pretrained_weights``.
     """
-    import torch
-
     run = Path(run_dir)
     if run.is_file():
         run = run.parent

@@ -176,5 +176,3 @@ def in_projection_keys(net) -> tuple[str, ...]:
     """Module prefixes of the first convolution (its weight has the input channels), including decoder.encoder.*."""
     base = tuple(getattr(net, "keys_to_in_proj", ()))
     return base + tuple(f"decoder.{k}" for k in base)
-
-
