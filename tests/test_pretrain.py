@@ -160,7 +160,8 @@ def test_swinunetr_rejects_small_roi_and_b_min_threshold(phantom_dir, tmp_path):
     with pytest.raises(ConfigError, match="SwinUNETR needs every side ≥ 64"):
         run_cfg(tree)
     tree = base_config(phantom_dir, tmp_path, data={"window": [-175, 250, 0.1, 1.0]})
-    with pytest.raises(ValueError, match="b_min"):
+    # λ is resolved once, by the config (PretrainConfig.foreground_threshold), which names the key.
+    with pytest.raises(ConfigError, match=r"masking.threshold 0.1: .*b_min"):
         run_cfg(tree)
 
 

@@ -241,6 +241,10 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(phantom_dir, tmp_path):
         for k in sa[i]:
             assert torch.equal(sa[i][k], sb[i][k]), (i, k)
     assert [x["skipped_steps"] for x in rows(run_dir(nan)) if "loss" in x] == [0, 1]
+    strict = [json.loads(ln, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+              for ln in (run_dir(nan) / "metrics.jsonl").read_text().splitlines()]
+    step2 = next(x for x in strict if x["step"] == 2 and "loss" in x)
+    assert step2["loss"] is None and step2["skipped"] is True and "skipped" not in strict[0]
 
 
 def test_max_bad_steps_stops_every_rank_with_the_same_line(phantom_dir, tmp_path):
@@ -252,24 +256,84 @@ def test_max_bad_steps_stops_every_rank_with_the_same_line(phantom_dir, tmp_path
     assert lines[0].startswith("error: 2 non-finite losses in a row (train.max_bad_steps)")
 
 
-def test_data_that_cannot_fill_a_batch_per_rank_fails_before_training(phantom_dir, tmp_path):
-    cfg = write_config(tmp_path / "e.yaml", phantom_dir, train={**TWO, "batch_size": 2})
-    proc = subfore("pretrain", "--config", cfg)
-    assert proc.returncode == 1
-    assert error_lines(proc) == [
-        f"error: {phantom_dir / 'dataset.json'}: 3 volume(s) cannot fill one batch per rank: train.batch_size=2 "
-        f"crops with data.samples_per_volume=1 needs 2 volume(s) on each of 2 rank(s), 4 in all"
-    ]
-    assert not (run_dir(cfg) / "encoder.pt").exists()
+def few_cases(phantom_dir: Path, path: Path, n: int) -> Path:
+    """A dataset.json of the first ``n`` training phantoms (labelled), none for validation."""
+    meta = json.loads((phantom_dir / "dataset.json").read_text())
+    cases = [{k: str(phantom_dir / v) for k, v in e.items()} for e in meta["training"][:n]]
+    path.write_text(json.dumps({"training": cases}))
+    return path
+
+
+def drawn_twice(proc) -> list[str]:
+    return [ln for ln in proc.stderr.splitlines() if "drawn more than once within a step" in ln]
+
+
+def test_two_volumes_on_two_ranks_warn_once_train_and_resume_exactly(phantom_dir, tmp_path):
+    few = few_cases(phantom_dir, tmp_path / "two.json", 2)
+    train = {**TWO, "batch_size": 2, "max_steps": 4}
+    full = write_config(tmp_path / "full.yaml", phantom_dir, data={"train": str(few)}, train=train)
+    proc = ok(subfore("pretrain", "--config", full))
+    assert drawn_twice(proc) == [f"{few}: 2 volume(s) for 4 per step (train.batch_size=2 crops with "
+                                 f"data.samples_per_volume=1 is 2 volume(s) on each of 2 rank(s)): volumes are drawn "
+                                 f"more than once within a step"]
+    assert [s for s, _ in losses(run_dir(full))] == [1, 2, 3, 4]
+    cut = write_config(tmp_path / "cut.yaml", phantom_dir, data={"train": str(few)}, train=train)
+    assert subfore("pretrain", "--config", cut, fault="sigterm@3").returncode == 75
+    resumed = ok(subfore("pretrain", "--config", cut, "--resume"))
+    assert_same_losses(losses(run_dir(cut)), losses(run_dir(full)))
+    for shown in (proc.stdout + proc.stderr, resumed.stdout + resumed.stderr):  # this project's lines only
+        assert "litlogger" not in shown and "weights_only" not in shown
+
+
+def test_validation_loss_does_not_depend_on_the_process_count(phantom_dir, tmp_path):
+    # lr 1e-12: both runs validate the same weights; each case's mask is seeded by the case, not by its rank.
+    still = {"lr": 1e-12, "warmup_steps": 0}
+    data = {"val": str(phantom_dir / "dataset.json"), "val_split": "training"}
+    one = write_config(tmp_path / "one.yaml", phantom_dir, optim=still, data=data,
+                       train={"max_steps": 2, "val_every": 2})
+    two = write_config(tmp_path / "two.yaml", phantom_dir, optim=still, data=data,
+                       train={**TWO, "max_steps": 2, "val_every": 2})
+    ok(subfore("pretrain", "--config", one))
+    ok(subfore("pretrain", "--config", two))
+    val = [[x["val_loss"] for x in rows(run_dir(c)) if "val_loss" in x] for c in (one, two)]
+    assert len(val[0]) == 1 and val[1] == pytest.approx(val[0], rel=1e-6, abs=0)
+
+
+def test_one_labelled_case_on_two_ranks_finetunes_and_resumes_exactly(phantom_dir, tmp_path):
+    one = few_cases(phantom_dir, tmp_path / "one.json", 1)
+    data = {"train": str(one), "val": None, "samples_per_volume": 1}
+    train = {"accelerator": "cpu", "devices": 2, "batch_size": 2, "max_steps": 4}
+    full = write_config(tmp_path / "full.yaml", phantom_dir, kind="finetune", data=data, train=train)
+    proc = ok(subfore("finetune", "--config", full))
+    assert len(drawn_twice(proc)) == 1 and drawn_twice(proc)[0].startswith(f"{one}: 1 volume(s) for 4 per step")
+    cut = write_config(tmp_path / "cut.yaml", phantom_dir, kind="finetune", data=data, train=train)
+    assert subfore("finetune", "--config", cut, fault="sigterm@3").returncode == 75
+    ok(subfore("finetune", "--config", cut, "--resume"))
+    assert_same_losses(losses(run_dir(cut)), losses(run_dir(full)))
+
+
+def test_old_resume_with_a_path_answers_with_resume_from(phantom_dir, tmp_path):
+    cfg = write_config(tmp_path / "r.yaml", phantom_dir)
+    proc = subfore("pretrain", "--config", cfg, "--resume", tmp_path / "last.ckpt")
+    assert proc.returncode == 1 and error_lines(proc) == [
+        f"error: --resume takes no value (it continues RUN_DIR/checkpoints/last.ckpt); to continue from "
+        f"{tmp_path / 'last.ckpt'}, give --resume-from {tmp_path / 'last.ckpt'}"]
+    assert "Traceback" not in proc.stderr
 
 
 def test_two_process_finetune_scores_each_validation_case_once(phantom_dir, tmp_path):
-    cfg = write_config(tmp_path / "ft.yaml", phantom_dir, kind="finetune",
+    # lr 1e-12: both runs validate the same (initial) weights, so their Dice must agree whatever the ranks did.
+    still = {"lr": 1e-12, "warmup_steps": 0}
+    cfg = write_config(tmp_path / "ft.yaml", phantom_dir, kind="finetune", optim=still,
                        train={"accelerator": "cpu", "devices": 2, "max_steps": 2, "val_every": 2})
+    one = write_config(tmp_path / "one.yaml", phantom_dir, kind="finetune", optim=still,
+                       train={"max_steps": 2, "val_every": 2})
     proc = ok(subfore("finetune", "--config", cfg))
+    ok(subfore("finetune", "--config", one))
     r = rows(run_dir(cfg))
     val = [x for x in r if "val_dice" in x]
     assert [x["val_cases"] for x in val] == [3]  # 3 cases on 2 ranks: padding would count 4
+    assert [x["val_dice"] for x in val] == [x["val_dice"] for x in rows(run_dir(one)) if "val_dice" in x]
     assert r[-1]["replica_digests"]["net"][0] == r[-1]["replica_digests"]["net"][1]
     assert (run_dir(cfg) / "checkpoints" / "best.ckpt").exists()
     assert "done:" in proc.stdout

@@ -63,7 +63,9 @@ def dice_per_class(pred: torch.Tensor, label: torch.Tensor, n_classes: int, regi
     binary masks → every channel. Counted per class (no one-hot copy of the volume), then
     2·|P∩G| / (|P| + |G|) as MONAI's compute_dice computes it.
     """
-    label = label.to(pred.device)
+    # Plain tensors: counts over MetaTensors would carry (and try to slice) their batched metadata.
+    pred = pred.as_tensor() if hasattr(pred, "as_tensor") else torch.as_tensor(pred)
+    label = (label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)).to(pred.device)
     if regions:
         p, g = pred.bool().flatten(2), label.bool().flatten(2)
         inter, n_pred, n_true = (p & g).sum(2), p.sum(2), g.sum(2)

@@ -97,8 +97,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     warnings.filterwarnings("ignore")
     logging.getLogger("monai").setLevel(logging.ERROR)
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in args
     try:
+        _old_resume_form(args)
         app(args=argv)
     except (SubforeError, FileNotFoundError, ValueError, OSError) as exc:
         # ValueError/OSError reach here from argument checks in the API (bad ratio, unwritable --out, ...).
@@ -107,6 +109,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         code = getattr(exc, "exit_code", 1)
         typer.echo(f"{'stopped' if code != 1 else 'error'}: {_one_line(exc)}", err=True)
         sys.exit(code)
+
+
+def _old_resume_form(args: list[str]) -> None:
+    """``--resume PATH`` (an earlier form) → one line naming ``--resume-from`` instead of click's usage error."""
+    for flag, value in zip(args, args[1:] + [""]):
+        if flag == "--resume" and value and not value.startswith("-"):
+            raise SubforeError(f"--resume takes no value (it continues RUN_DIR/checkpoints/last.ckpt); to continue "
+                               f"from {value}, give --resume-from {value}")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -76,6 +76,7 @@ class RunModule(pl.LightningModule):
         self.stop_request: StopRequest | None = None  # set by RunControl
         self.preempted = False
         self.stepped = False  # one optimiser step (taken or skipped) has just ended
+        self.step_skipped = False  # ... and it was skipped (a non-finite loss on some rank)
         self._window_bad: torch.Tensor | None = None
         self._window_loss: list[torch.Tensor] = []
         self._last_window: list[torch.Tensor] = []
@@ -121,6 +122,7 @@ class RunModule(pl.LightningModule):
         n_bad, n_stop = reduce_sum(self, flags).tolist()
         self._last_window, self._window_loss, self._window_bad = self._window_loss, [], None
         self.stepped = True
+        self.step_skipped = bool(n_bad)
         if n_stop and self.global_step + 1 < self.trainer.max_steps:  # on the last step, just finish
             self.preempted = True
             self.trainer.should_stop = True

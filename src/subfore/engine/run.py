@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,14 +93,27 @@ class MetricsWriter(Callback):
         if trainer.is_global_zero and module.stepped:
             row = module.pop_row()
             if row:
-                append_jsonl(self.path, {"step": trainer.global_step, **row})
+                if module.step_skipped:
+                    row["skipped"] = True
+                append_jsonl(self.path, finite({"step": trainer.global_step, **row}))
 
     def on_validation_end(self, trainer, module: RunModule) -> None:
         m = trainer.callback_metrics
         if trainer.is_global_zero and not trainer.sanity_checking and module.val_metrics \
                 and all(name in m for name in module.val_metrics):
             row = {key: kind(float(m[name])) for name, (key, kind) in module.val_metrics.items()}
-            append_jsonl(self.path, {"step": trainer.global_step, **row})
+            append_jsonl(self.path, finite({"step": trainer.global_step, **row}))
+
+
+def finite(value):
+    """``value`` with every NaN or ±inf float (in dicts and lists) as None: metrics.jsonl stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | None:
@@ -141,6 +155,13 @@ def resolve_precision(precision: str) -> str:
     return "32"
 
 
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's 'Tip: … litlogger' line: a run's console shows this project's lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Trainer:
     """The Lightning Trainer every run uses: step-based, validation every ``t.val_every`` optimiser steps.
 
@@ -151,6 +172,10 @@ def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Traine
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     plugins = [SLURMEnvironment(auto_requeue=False)] if slurm_job() else None
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvert) for f in logger.filters):
+            logger.addFilter(_NoAdvert())
     devices, num_nodes = t.devices, t.num_nodes
     external = launched_layout()
     if external is not None and devices == "auto":

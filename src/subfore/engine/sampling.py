@@ -8,6 +8,7 @@ starts again at micro-batch ``global_step · accumulate`` — bit-identical to t
 """
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Callable, Iterator, Sequence
 
@@ -20,6 +21,8 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import SubforeError
 from ..preempt import PREEMPT_SIGNALS
+
+log = logging.getLogger(__name__)
 
 
 def mix_seed(*values: int) -> int:
@@ -73,15 +76,18 @@ def _worker_init(worker_id: int) -> None:
     monai_worker_init(worker_id)
 
 
-def check_fill(n_volumes: int, batch_size: int, samples_per_volume: int, world: int, where: str) -> int:
-    """Volumes per micro-batch and rank; fail when the data cannot fill one batch on every rank."""
+def check_fill(n_volumes: int, batch_size: int, samples_per_volume: int, world: int, where: str,
+               warn: bool = False) -> int:
+    """Volumes per micro-batch and rank. Fewer volumes than one optimiser step takes over all ranks are drawn more
+    than once within a step (the draw stream wraps, each crop still a function of (seed, draw)); ``warn`` says so
+    once. Fails only without a single volume."""
     per_batch = batch_size // samples_per_volume
-    if n_volumes < per_batch * world:
-        raise SubforeError(
-            f"{where}: {n_volumes} volume(s) cannot fill one batch per rank: train.batch_size={batch_size} crops "
-            f"with data.samples_per_volume={samples_per_volume} needs {per_batch} volume(s) on each of {world} "
-            f"rank(s), {per_batch * world} in all"
-        )
+    if n_volumes < 1:
+        raise SubforeError(f"{where}: no readable volume to train on")
+    if warn and n_volumes < per_batch * world:
+        log.warning("%s: %d volume(s) for %d per step (train.batch_size=%d crops with data.samples_per_volume=%d is "
+                    "%d volume(s) on each of %d rank(s)): volumes are drawn more than once within a step",
+                    where, n_volumes, per_batch * world, batch_size, samples_per_volume, per_batch, world)
     return per_batch
 
 
@@ -95,13 +101,15 @@ def train_loader(volumes, seed: int, per_batch: int, trainer: pl.Trainer, num_wo
 
 
 def shard(items: Sequence[dict], rank: int, world: int) -> list[dict]:
-    """Rank ``rank``'s share of evaluation items, padded to ⌈n/world⌉ with ``weight`` 0 copies.
+    """Rank ``rank``'s share of evaluation items, padded to ⌈n/world⌉ with ``weight`` 0 copies; each item carries
+    its ``case`` index in ``items`` (what per-case seeds derive from, whatever the number of ranks).
 
     Every rank runs the same number of batches (DDP needs it) and every case counts exactly once.
     """
-    mine = [{**item, "weight": 1.0} for item in list(items)[rank::world]]
+    items = list(items)
+    mine = [{**items[i], "weight": 1.0, "case": i} for i in range(rank, len(items), world)]
     size = -(-len(items) // world)
-    return mine + [{**items[0], "weight": 0.0}] * (size - len(mine))
+    return mine + [{**items[0], "weight": 0.0, "case": 0}] * (size - len(mine))
 
 
 def make_loaders(volumes, val_dataset, seed: int, per_batch: int, trainer: pl.Trainer, num_workers: int

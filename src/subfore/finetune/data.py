@@ -86,8 +86,8 @@ def loaders(cfg: FinetuneConfig, preset: Preset, items: list[dict], val_items: l
     """This rank's endless training loader and its share of the validation cases (or None)."""
     d, t = cfg.data, cfg.train
     rank, world = trainer.global_rank, trainer.world_size
-    per_batch = check_fill(len(items), t.batch_size, d.samples_per_volume, world,
-                           first_source(d.train))
+    per_batch = check_fill(len(items), t.batch_size, d.samples_per_volume, world, first_source(d.train),
+                           warn=trainer.is_global_zero)
     train_ds = make_dataset(items, train_transforms(cfg, preset), d.cache_dir,
                             cache_key=(preset, "seg", d.label_map, d.regions, d.brats_labels, d.foreground_crop,
                                        list(d.roi)),

@@ -6,7 +6,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from ..config import FinetuneConfig
-from ..engine.module import RunModule, reduce_sum, warmup_cosine
+from ..engine.module import RunModule, gather_scalars, reduce_sum, warmup_cosine
 from ..inference import predict_volume
 from ..models.registry import Backbone, resolve_backbone
 from ..report import dice_per_class
@@ -39,7 +39,11 @@ class SegmentationModel(RunModule):
     def step_ended(self) -> None:
         step = self.global_step + 1
         if step % self.cfg.train.log_every == 0 or step == 1:
-            self.row = {"loss": self.step_loss()}
+            loss = self.step_loss()
+            if self.trainer.world_size > 1:  # the mean over ranks, as pretraining logs it
+                (losses,) = gather_scalars(self, [torch.tensor(loss)])
+                loss = sum(losses) / len(losses)
+            self.row = {"loss": loss}
 
     def on_validation_epoch_start(self) -> None:
         k = self.cfg.model.out_channels - (0 if self.cfg.sigmoid else 1)

@@ -91,7 +91,7 @@ def validation_volumes(plan: PretrainPlan, rank: int, world: int):
         return None
     mine = shard(val_ok, rank, world)
     return StoreCrops(spec, records_for(spec, mine, skip_bad=False), d.roi,
-                      extras=[{"weight": item["weight"]} for item in mine])
+                      extras=[{"weight": item["weight"], "case": item["case"]} for item in mine])
 
 
 class CropData(pl.LightningDataModule):

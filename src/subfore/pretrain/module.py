@@ -198,14 +198,15 @@ class MaskedImageModel(RunModule):
         return bool(every) and (step % every == 0 or step == 1)
 
     def on_validation_epoch_start(self) -> None:
-        # A fixed mask seed makes validation losses comparable across steps.
-        self._val_rng = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.seed, self.global_rank, 99_991))
         self._val_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int):
         x = torch.as_tensor(batch["image"]).float()
         w = torch.as_tensor(batch["weight"]).to(self.device, torch.float64)
-        loss = self.reconstruct(x, self._val_rng)["loss"]
+        # One mask per validation case, seeded by the case: val_loss compares across steps and process counts.
+        case = int(torch.as_tensor(batch["case"]).flatten()[0])
+        generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.seed, case, 99_991))
+        loss = self.reconstruct(x, generator)["loss"]
         self._val_sum += torch.stack([(loss.double() * w).sum(), w.sum()])
         return loss
 

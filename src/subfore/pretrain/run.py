@@ -80,8 +80,9 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     trainer = make_trainer(run_dir, t, [checkpoint, MetricsWriter(run_dir), RunArtifacts(run_dir, t.ckpt_every, cfg),
                                         control], cfg.data.val is not None)
     d = cfg.data
-    # Fail before launching anything when the data cannot fill a batch on every rank.
-    check_fill(len(plan.train_items), t.batch_size, d.samples_per_volume, trainer.world_size, first_source(d.train))
+    # Before launching anything: fail without data, say once when a step must draw a volume twice.
+    check_fill(len(plan.train_items), t.batch_size, d.samples_per_volume, trainer.world_size, first_source(d.train),
+               warn=trainer.is_global_zero)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")

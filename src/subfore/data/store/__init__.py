@@ -4,7 +4,9 @@
 """
 
 from .build import (
+    AIR_HU,
     body_bbox,
+    body_level,
     build_volume,
     foreground_share,
     preprocess_config,
@@ -31,7 +33,7 @@ from .spec import (
 )
 
 __all__ = [
-    "BLOCK", "DTYPES", "STORE_FORMAT", "StoreCrops", "StoreSpec", "StoreWriteError", "body_bbox", "build_volume",
+    "AIR_HU", "BLOCK", "DTYPES", "STORE_FORMAT", "StoreCrops", "StoreSpec", "StoreWriteError", "body_bbox", "body_level", "build_volume",
     "chunk_shapes", "crop_starts", "foreground_share", "padded_origin", "preprocess_config", "preprocess_store",
     "read_crop", "record_failure", "records_for", "source_signature", "source_text", "store_for", "store_spec",
     "unique_items", "volume_id", "wait_for_store", "write_manifest",

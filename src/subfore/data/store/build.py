@@ -3,15 +3,19 @@ the manifest, and wait for other ranks' shards."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ...errors import DataError, SubforeError
 from ...io import atomic_path, write_text
@@ -37,15 +41,32 @@ from .spec import (
 log = logging.getLogger(__name__)
 
 
-def body_bbox(image: np.ndarray) -> list[list[int]]:
-    """[[x0, x1], [y0, y1], [z0, z1]] (half-open) of the voxels above the volume's minimum in any channel.
+AIR_HU = -500.0  # denser than this is tissue (fat is ≈ −100 HU), thinner is air or lung
 
-    After the CT window that is everything denser than the window floor (air is the minimum); for MRI it is the
-    non-background region. A constant volume gives the whole volume.
+
+def body_level(preset: Preset) -> float | None:
+    """The normalised value above which a voxel is body: ``AIR_HU`` through the preset's HU window (its floor, when
+    the window starts above it), or None without a window (MRI, z-scores): then the volume's minimum."""
+    w = preset.window
+    return None if w is None else w.to_normalised(max(AIR_HU, w.a_min))
+
+
+def body_bbox(image: np.ndarray, level: float | None = None) -> list[list[int]]:
+    """[[x0, x1], [y0, y1], [z0, z1]] (half-open) of the body: the largest connected group of voxels above ``level``
+    (any channel; default: the volume's minimum). image: (C, X, Y, Z) normalised.
+
+    Air around the patient and inside the scanner bore is below the level; the table, the blanket and other
+    objects not touching the body are separate groups and left out. A volume with nothing above the level gives
+    the whole volume.
     """
-    body = (image > image.min(axis=tuple(range(1, image.ndim)), keepdims=True)).any(0)
-    if not body.any():
-        return [[0, s] for s in body.shape]
+    floor = image.min(axis=tuple(range(1, image.ndim)), keepdims=True) if level is None else level
+    dense = (image > floor).any(0)
+    if not dense.any():
+        return [[0, s] for s in dense.shape]
+    groups, n = ndimage.label(dense)
+    sizes = np.bincount(groups.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    body = groups == int(sizes.argmax())
     box = []
     for axis in range(3):
         hit = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
@@ -58,6 +79,13 @@ def foreground_share(image: torch.Tensor, size: int, threshold: float | str) -> 
     pad = [p for s in reversed(image.shape[1:]) for p in (0, -s % size)]
     x = torch.nn.functional.pad(image.float(), pad)[None]
     return round(float(foreground_grid(x, size, threshold).float().mean()), 6)
+
+
+def compression() -> dict:
+    """blosc2's compression parameters for stored volumes: zstd level 5 over bit-shuffled values, one thread."""
+    import blosc2
+
+    return {"codec": blosc2.Codec.ZSTD, "clevel": 5, "filters": [blosc2.Filter.BITSHUFFLE], "nthreads": 1}
 
 
 def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
@@ -81,12 +109,12 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
     if not np.isfinite(arr).all():
         raise DataError(where, f"preprocessed values exceed {spec.dtype}'s range (set data.store_dtype: float32)")
     chunks, blocks = chunk_shapes(arr.shape, spec.roi)
-    cparams = {"codec": blosc2.Codec.ZSTD, "clevel": 5, "filters": [blosc2.Filter.BITSHUFFLE], "nthreads": 1}
+    cparams = compression()
     spec.root.joinpath("volumes").mkdir(parents=True, exist_ok=True)
     record = {
         "source": source_text(item), "store": f"volumes/{vid}.b2nd", "shape": list(arr.shape),
         "spacing": list(spec.preset.array_spacing), "dtype": spec.dtype, "chunks": list(chunks),
-        "blocks": list(blocks), "body_bbox": body_bbox(arr), "signature": signature,
+        "blocks": list(blocks), "body_bbox": body_bbox(arr, body_level(spec.preset)), "signature": signature,
         "foreground_share": foreground_share(image, spec.subvolume, spec.threshold),
         "foreground_threshold": spec.threshold, "subvolume_size": spec.subvolume,
     }
@@ -121,9 +149,31 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
         with open(spec.root / "builds.log", "a") as fh:  # one short O_APPEND write per line
             fh.write(json.dumps(line) + "\n")
     except Exception as exc:  # noqa: BLE001 - ENOSPC, EDQUOT, EACCES, blosc2's own write errors
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise StoreWriteError(f"{spec.root}: cannot write the store ({type(exc).__name__}: {reason})") from exc
+        raise write_error(spec.root, exc, sum(a.nbytes for _, a, _, _ in outputs)) from exc
     return record
+
+
+def write_error(root: Path, exc: BaseException, needed: int) -> StoreWriteError:
+    """One line for a failed store write: a full disk or quota says so, with the free space found.
+
+    blosc2 reports a full disk as "Error while creating the NDArray" without its errno, so the free space on the
+    store's filesystem is measured here: less than the volume's uncompressed size counts as full.
+    """
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).splitlines() or [""])[0]
+    errno_ = getattr(exc, "errno", None)
+    try:
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+    except OSError:
+        free = None
+    mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
+    if errno_ == errno.EDQUOT:
+        return StoreWriteError(f"{root}: cannot write the store: disk quota exceeded ({reason}; "
+                               f"{mb(free) if free is not None else 'unknown'} free on its filesystem)")
+    if errno_ == errno.ENOSPC or (free is not None and free < needed):
+        return StoreWriteError(f"{root}: cannot write the store: no space left ({mb(free) if free is not None else '?'}"
+                               f" free on its filesystem, a volume needs up to {mb(needed)}; {type(exc).__name__}: "
+                               f"{reason})")
+    return StoreWriteError(f"{root}: cannot write the store ({type(exc).__name__}: {reason})")
 
 
 def record_failure(spec: StoreSpec, item: dict, error: str) -> None:
@@ -144,9 +194,13 @@ def write_manifest(spec: StoreSpec) -> dict:
         for folder, out in (("records", volumes), ("failed", failed)):
             for p in sorted((spec.root / folder).glob("*.json")):
                 try:
-                    out.append(json.loads(p.read_text()))
+                    entry = json.loads(p.read_text())
                 except (OSError, json.JSONDecodeError):
                     continue  # being replaced right now; the next merge reads it
+                if folder == "failed" and not all(Path(s).exists() for s in as_list(entry.get("source"))):
+                    p.unlink(missing_ok=True)  # its file was deleted: nothing left to retry or report
+                    continue
+                out.append(entry)
         key = {**StoreSpec.key(spec.preset, spec.dtype), "spacing": list(spec.preset.array_spacing),
                "window": _window(spec.preset)}
         manifest = {"key": key, "volumes": volumes, "failed": failed}
