@@ -22,6 +22,8 @@ from subfore.config import load_config
 from subfore.errors import ConfigError, SubforeError
 from subfore.phantoms import PhantomSpec, write_nnunet_raw, write_phantoms
 
+from conftest import REAL_CT, REAL_SEG, needs_real_ct
+
 BIN = Path(sys.executable).parent
 SUBFORE = str(BIN / "subfore")
 STRATEGIES = [
@@ -121,6 +123,7 @@ def test_nnunet_preset_matches_nnunet_preprocessing_and_its_hu_threshold(nn):
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from subfore.data.presets import Preset
     from subfore.data.transforms import preprocess
     from subfore.pretrain import MaskedImageModel
 
@@ -135,10 +138,14 @@ def test_nnunet_preset_matches_nnunet_preprocessing_and_its_hu_threshold(nn):
     # Same axis order (SimpleITK's z, y, x), same spacing, same CTNormalization: the same array.
     assert tuple(ours.shape) == theirs.shape
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-4)
-    props = json.loads(nn["plans"].read_text())["foreground_intensity_properties_per_channel"]["0"]
-    assert props["percentile_00_5"] < -132.5
+    # The foreground is decided on the papers' window of the same resampled HU, whatever nnU-Net's normalisation:
+    # "-132.5 HU" is λ 0.1 there, and the reference is exactly the ct preset's input at the plans' spacing.
     model = MaskedImageModel(cfg)
-    assert model.threshold == pytest.approx((-132.5 - props["mean"]) / props["std"], rel=1e-6)
+    assert model.threshold == pytest.approx(0.1)
+    both = Compose(preprocess(preset, reference=True))({"image": str(nn["image"])})
+    assert torch.equal(torch.as_tensor(both["image"]), torch.as_tensor(ours))
+    ct = Compose(preprocess(Preset(spacing=preset.spacing)))({"image": str(nn["image"])})["image"]
+    assert torch.equal(torch.as_tensor(both["reference"]), torch.as_tensor(ct).permute(0, *(a + 1 for a in preset.axes)))
 
 
 def test_zscore_normalisation_equals_nnunets_own():
@@ -163,18 +170,78 @@ def test_zscore_normalisation_equals_nnunets_own():
         np.testing.assert_allclose(ours[0], theirs, atol=1e-5)
 
 
-def test_hu_thresholds_that_cannot_work_under_the_plans_are_refused_in_one_line():
+def test_hu_thresholds_mean_the_papers_window_whatever_the_plans_clip_and_need_hu():
     from subfore.data.presets import ChannelNorm, Preset
 
+    # nnU-Net clips this CT at −20 HU (its labelled voxels' 0.5 percentile): λ still means −132.5 HU of the
+    # papers' −175…250 window, decided on the reference beside the network's input.
     ct = ChannelNorm(scheme="CTNormalization", mean=100.0, std=50.0, lower=-20.0, upper=250.0)
     preset = Preset(modality="nnunet", norms=(ct,), axes=(2, 1, 0))
-    with pytest.raises(ConfigError, match=r"clip floor -20 HU"):
-        preset.foreground_threshold(None, -132.5)
-    assert preset.foreground_threshold(None, 50.0)[0] == pytest.approx((50 - 100) / 50)
+    assert preset.foreground_threshold(None, -132.5)[0] == pytest.approx(0.1)
+    assert preset.foreground_threshold(None, 50.0)[0] == pytest.approx((50 + 175) / 425)
+    with pytest.raises(ValueError, match="b_min"):
+        preset.foreground_threshold(None, -175.0)
     mr = Preset(modality="nnunet", norms=(ChannelNorm(scheme="ZScoreNormalization"),))
     with pytest.raises(ConfigError, match="ZScoreNormalization"):
         mr.foreground_threshold(None, -132.5)
     assert mr.foreground_threshold(-0.5)[0] == -0.5  # z-scores are unbounded: no window check
+
+
+@needs_real_ct
+def test_real_ct_planned_by_nnunet_pretrains_with_the_default_threshold(tmp_path):
+    """A real abdominal CT, fingerprinted and planned by nnU-Net (ResEnc-M): nnU-Net clips it above −132.5 HU, yet
+    the default masking.threshold works and its foreground grid is the ct preset's on the same crop."""
+    from subfore.data.presets import Preset
+    from subfore.data.store import StoreCrops, padded_origin, read_crop, records_for, store_for
+    from subfore.data.transforms import preprocess
+    from subfore.masking import foreground_grid
+    from monai.transforms import Compose
+
+    raw = tmp_path / "raw" / "Dataset502_RealCT"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    (raw / "imagesTr" / "ct_0000.nii.gz").symlink_to(REAL_CT)
+    seg = nib.load(REAL_SEG)
+    organs = (np.asarray(seg.dataobj) > 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(organs, seg.affine), raw / "labelsTr" / "ct.nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 1,
+                                                  "labels": {"background": 0, "organs": 1}, "file_ending": ".nii.gz"}))
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "results"))
+    ok(run(BIN / "nnUNetv2_extract_fingerprint", "-d", "502", "-np", "1", env=env))
+    ok(run(sys.executable, "-c", PLAN.replace("501", "502"), env=env))
+    plans = tmp_path / "pre" / "Dataset502_RealCT" / "TinyResEncM.json"
+    props = json.loads(plans.read_text())["foreground_intensity_properties_per_channel"]["0"]
+    assert props["percentile_00_5"] > -132.5  # what used to refuse the default
+    tree = {"run_dir": str(tmp_path / "run"), "data": {"train": str(raw), "preset": "nnunet", "num_workers": 0,
+                                                      "cache_dir": str(tmp_path / "cache")},
+            "model": {"name": "resenc", "nnunet_plans": str(plans)}}
+    strides = total_strides_of(plans)
+    tree["data"]["roi"] = [max(32, np.lcm(f, 16)) for f in strides]
+    tree["train"] = {"max_steps": 2, "batch_size": 1, "ckpt_every": 2, "log_every": 1, "progress_bar": False}
+    cfg_path = tmp_path / "pre.yaml"
+    cfg_path.write_text(json.dumps(tree))
+    ok(run(SUBFORE, "pretrain", "--config", cfg_path))
+    cfg = load_config(cfg_path)
+    assert cfg.masking.threshold == "-132.5 HU"
+    preset = cfg.data.preset_obj()
+    [record] = records_for(store_for(cfg), [{"image": str(raw / "imagesTr" / "ct_0000.nii.gz")}], skip_bad=False)
+    crops = StoreCrops(store_for(cfg), [record], cfg.data.roi)
+    centre = crops[0]
+    ct = Compose(preprocess(Preset(spacing=preset.spacing)))({"image": str(REAL_CT)})["image"]
+    ct = torch.as_tensor(ct).permute(0, *(a + 1 for a in preset.axes)).half().float()  # the store's fp16
+    shape, roi = ct.shape[1:], cfg.data.roi
+    start = [o + max(s, r) // 2 - r // 2 for o, s, r in zip(padded_origin(shape, roi), shape, roi)]  # the centre crop
+    ct_crop = torch.from_numpy(read_crop(ct.numpy(), start, cfg.data.roi))
+    ours = foreground_grid(centre["reference"][None], 16, 0.1)
+    assert torch.equal(ours, foreground_grid(ct_crop[None], 16, 0.1))
+    assert 0 < int(ours.sum()) < ours.numel()  # both kinds of subvolume on this crop
+
+
+def total_strides_of(plans: Path) -> tuple[int, ...]:
+    from subfore.models.nnunet.network import total_strides
+
+    return total_strides(plans_arch(plans))
 
 
 # --- backbones and masking --------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from subfore.data.store import (
 from subfore.data.transforms import preprocess
 from subfore.masking import foreground_grid
 
+from conftest import REAL_CT, needs_real_ct
+
 
 def _run(*args, **kw):
     return subprocess.run(["subfore", *map(str, args)], capture_output=True, text=True, **kw)
@@ -228,6 +230,55 @@ def test_a_non_image_file_stops_the_run_or_is_listed_with_skip_bad(phantom_dir, 
     assert fixed.returncode == 0 and "built 1, already there 2" in fixed.stdout, fixed.stdout + fixed.stderr
     m = _manifest(tmp_path / "cache")
     assert m["failed"] == [] and len(m["volumes"]) == 3
+    # Deleted instead of fixed: its failure is forgotten at the next build.
+    (folder / "gone.nii.gz").write_bytes(b"not a NIfTI either")
+    assert _run("preprocess", "--config", cfg, "--skip-bad").returncode == 0
+    assert [f["source"] for f in _manifest(tmp_path / "cache")["failed"]] == [str(folder / "gone.nii.gz")]
+    (folder / "gone.nii.gz").unlink()
+    assert _run("preprocess", "--config", cfg).returncode == 0
+    assert _manifest(tmp_path / "cache")["failed"] == []
+
+
+def test_a_full_disk_is_named_with_the_free_space_it_found(tmp_path, monkeypatch):
+    import errno as errno_
+
+    from subfore.data.store import build
+
+    root = tmp_path / "store"
+    root.mkdir()
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda p: type("U", (), {"free": 3_000_000})())
+    # blosc2 hides the errno: a plain RuntimeError, with less free space than the volume needs, is a full disk.
+    full = build.write_error(root, RuntimeError("Error while creating the NDArray"), 8_000_000)
+    assert str(full) == (f"{root}: cannot write the store: no space left (3.0 MB free on its filesystem, a volume "
+                         f"needs up to 8.0 MB; RuntimeError: Error while creating the NDArray)")
+    quota = build.write_error(root, OSError(errno_.EDQUOT, "Disk quota exceeded"), 8_000_000)
+    assert str(quota) == (f"{root}: cannot write the store: disk quota exceeded (Disk quota exceeded; 3.0 MB free "
+                          f"on its filesystem)")
+    other = build.write_error(root, PermissionError(errno_.EACCES, "Permission denied"), 1_000_000)
+    assert str(other) == f"{root}: cannot write the store (PermissionError: Permission denied)"
+
+
+@needs_real_ct
+def test_body_box_of_a_real_ct_leaves_out_the_table():
+    from scipy import ndimage
+
+    from subfore.data.store import body_bbox, body_level
+
+    preset = Preset()
+    image = Compose(preprocess(preset))({"image": str(REAL_CT)})["image"].numpy()
+    level = body_level(preset)
+    assert level == 0.0  # −500 HU lies below the ct window's floor: denser than −175 HU
+    box = body_bbox(image, level)
+    dense = (image > level).any(0)
+    groups, _ = ndimage.label(dense)
+    sizes = np.bincount(groups.ravel())
+    sizes[0] = 0
+    # Behind the patient (RAS axis 1, low y) lies dense matter in groups of its own, none of them the body: the
+    # table. A box of every voxel above the level reaches the volume's edge there; the body's box stops short.
+    behind = np.unique(groups[:, : box[1][0], :])
+    assert box[1][0] > 0 and dense[:, : box[1][0], :].any()
+    assert sizes.argmax() not in behind and sizes[behind].sum() > 1000
+    assert sizes.max() > 0.5 * dense.sum()  # the body is one group holding most of the dense voxels
 
 
 def test_a_volume_another_builder_holds_is_left_busy_then_built_once(phantom_dir, tmp_path):

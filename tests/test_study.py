@@ -42,12 +42,15 @@ def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, 
     tree["study"]["pretrain_data"].append(str(phantom_dir / test_image))  # the test case, pretrained on too
     cfg = load_config(None, [], StudyConfig, base=tree)
     # Scoring runs on the device the finetuning trained on (train.accelerator), not always the CPU.
+    class AsTrained(str):
+        """The device device_for chose for train.accelerator (a real one, marked)."""
+
     devices, real_evaluate = [], mod.evaluate
-    monkeypatch.setattr(mod, "device_for", lambda accelerator: f"as-trained:{accelerator}")
+    monkeypatch.setattr(mod, "device_for", lambda accelerator: AsTrained(f"cpu{'' if accelerator == 'auto' else '?'}"))
     monkeypatch.setattr(mod, "evaluate",
-                        lambda *a, device, **k: devices.append(device) or real_evaluate(*a, device="cpu", **k))
+                        lambda *a, device, **k: devices.append(device) or real_evaluate(*a, device=device, **k))
     out = study(cfg)
-    assert devices == ["as-trained:auto"] * 2
+    assert [(type(d), d) for d in devices] == [(AsTrained, "cpu")] * 2
     results = json.loads((out / "results.json").read_text())
     assert results["arms"] == ["scratch", "foreground"]
     # Trained on 2, selected on the held-out 3rd, scored on the 'validation' phantom; its pretraining is reported.

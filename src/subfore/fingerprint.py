@@ -68,12 +68,13 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
 
 
 def _crops(plan, items: list[dict], per_volume: int, seed: int):
-    """``per_volume`` random training crops (C, *roi) of each item, cut as pretraining cuts them."""
+    """What the foreground is decided on (the image, or its reference where the preset carries one), (C, *roi), of
+    ``per_volume`` random training crops of each item, cut as pretraining cuts them."""
     volumes = crop_volumes(plan, items, per_volume)
     if plan.cfg.data.cache_dir is not None:
         for i in range(len(volumes)):
             for sample in volumes.draw(i, seed + i):
-                yield sample["image"]
+                yield sample.get("reference", sample["image"])
         return
     # From the source files: one transform stream seeded once, so the crops are those of earlier versions.
     set_determinism(seed)
@@ -81,7 +82,7 @@ def _crops(plan, items: list[dict], per_volume: int, seed: int):
     try:
         for i in range(len(volumes)):
             for sample in volumes[i]:
-                yield torch.as_tensor(sample["image"])
+                yield torch.as_tensor(sample.get("reference", sample["image"]))
     finally:
         set_determinism(None)
 

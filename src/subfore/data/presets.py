@@ -17,6 +17,10 @@ from ..masking.foreground import parse_threshold
 from ..masking.grid import Threshold, Window
 
 
+#: SubFore's foreground window (the papers' code): −175…250 HU → 0…1, so λ = 0.1 is −132.5 HU.
+SUBFORE_WINDOW = Window(-175.0, 250.0, 0.0, 1.0)
+
+
 class ChannelNorm(BaseModel):
     """One channel's nnU-Net normalisation: the plans' scheme and the fingerprint's foreground intensities."""
 
@@ -95,28 +99,36 @@ class Preset(BaseModel):
         return Window(self.a_min, self.a_max, self.b_min, self.b_max) if self.modality == "ct" else None
 
     @property
+    def reference_window(self) -> Window | None:
+        """The HU window SubFore's foreground is decided in when that is not the network's own input, else None.
+
+        nnunet with CTNormalization: nnU-Net clips to the labelled voxels' 0.5–99.5 percentiles (on abdominal CT
+        often above −100 HU, so fat and air would clip alike) and z-scores; the foreground is then decided on the
+        papers' −175…250 HU → 0…1 window of the same resampled HU (a ``reference`` carried beside the image), so
+        "-132.5 HU" means what it means under the ``ct`` preset. ``ct`` and ``mri``: the network's input itself.
+        """
+        return SUBFORE_WINDOW if self.modality == "nnunet" and self.window is not None else None
+
+    @property
     def array_spacing(self) -> tuple[float, float, float]:
         """Voxel spacing (mm) along the axes of the preprocessed array (``spacing`` permuted by ``axes``)."""
         return tuple(self.spacing[a] for a in self.axes) if self.axes else self.spacing  # type: ignore[return-value]
 
     def foreground_threshold(self, threshold: Threshold | None, threshold_hu: float | None = None
                              ) -> tuple[Threshold, Window | None]:
-        """λ in this preset's normalised units (or 'otsu'), and the window to range-check λ against.
+        """λ in the units the foreground is decided in (or 'otsu'), and the window to range-check λ against.
 
-        nnunet without CTNormalization: no HU, and no bounds (z-scores have none).
+        That is the network's normalised input, or the :attr:`reference_window` where there is one (nnunet with
+        CTNormalization: λ 0.1 = −132.5 HU, as under ``ct``). nnunet without CTNormalization: no HU, and no bounds
+        (z-scores have none).
         """
-        window = self.window
+        window = self.reference_window or self.window
         if self.modality == "nnunet":
             if threshold_hu is not None and window is None:
                 schemes = sorted({n.scheme for n in self.norms or ()})
                 raise ConfigError(f"masking.threshold {threshold_hu:g} HU: the plans normalise with "
                                   f"{', '.join(schemes)}, not one CTNormalization; give 'otsu' or a value in "
                                   f"normalised units")
-            if threshold_hu is not None and window.to_normalised(threshold_hu) <= window.b_min:
-                raise ConfigError(f"masking.threshold {threshold_hu:g} HU lies at or below the plans' CT clip floor "
-                                  f"{window.a_min:g} HU (percentile 0.5 of the foreground): after nnU-Net's "
-                                  f"normalisation every subvolume would be foreground; give a HU value above "
-                                  f"{window.a_min:g} or 'otsu'")
             if window is None:
                 window = Window(-math.inf, math.inf, -math.inf, math.inf)
         return parse_threshold(threshold, threshold_hu, window), window

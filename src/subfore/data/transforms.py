@@ -11,6 +11,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
+    CopyItemsd,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -122,21 +123,39 @@ def intensity(preset: Preset, key: str = "image") -> MapTransform:
     )
 
 
-def preprocess(preset: Preset, keys: Sequence[str] = ("image",)) -> list:
-    """Load → check → orient → resample → normalise (→ nnU-Net's axis order); labels resampled nearest."""
+def with_reference(preset: Preset, keys: Sequence[str] = ("image",)) -> list[str]:
+    """``keys`` plus ``reference`` where the preset decides the foreground on a reference beside the image."""
+    return list(keys) + (["reference"] if preset.reference_window is not None and "image" in keys else [])
+
+
+def preprocess(preset: Preset, keys: Sequence[str] = ("image",), reference: bool = False) -> list:
+    """Load → check → orient → resample → normalise (→ nnU-Net's axis order); labels resampled nearest.
+
+    reference: also a ``reference`` key (C, D, H, W) where the preset has a
+    :attr:`~subfore.data.presets.Preset.reference_window`: the image's HU resampled the same way and mapped through
+    that window (clipped), the values SubFore's foreground is decided on whatever normalises the network's input.
+    """
     keys = list(keys)
-    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    spatial = with_reference(preset, keys) if reference else keys
+    modes = ["nearest" if k == "label" else "bilinear" for k in spatial]
+    copy, window = [], []
+    if len(spatial) > len(keys):
+        w = preset.reference_window
+        copy = [CopyItemsd("image", names="reference")]
+        window = [ScaleIntensityRanged("reference", w.a_min, w.a_max, w.b_min, w.b_max, clip=True)]
     order = []
     if preset.axes is not None and tuple(preset.axes) != (0, 1, 2):
         # Invertible (Invertd replays it backwards), so predictions still land on each input's own grid.
-        order = [Transposed(keys, (0, *(a + 1 for a in preset.axes)))]
+        order = [Transposed(spatial, (0, *(a + 1 for a in preset.axes)))]
     return [
         LoadImaged(keys, image_only=True, ensure_channel_first=True),
         CheckVolumed([k for k in keys if k != "label"], label_key="label" if "label" in keys else None,
                      channels=preset.channels),
-        Orientationd(keys, axcodes=preset.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys, pixdim=preset.spacing, mode=modes),
+        *copy,
+        Orientationd(spatial, axcodes=preset.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(spatial, pixdim=preset.spacing, mode=modes),
         intensity(preset),
+        *window,
     ] + order
 
 
@@ -152,21 +171,25 @@ def eval_transforms(cfg, preset: Preset, with_label: bool = True) -> Compose:
 
 
 def pretrain_transforms(preset: Preset, roi: Sequence[int], samples: int = 1) -> Compose:
-    """Preprocess, pad to the ROI, then ``samples`` random ROI crops per volume (no augmentation, as the paper)."""
+    """Preprocess (with the foreground reference, if the preset has one), pad to the ROI, then ``samples`` random
+    ROI crops per volume (no augmentation, as the paper)."""
+    keys = with_reference(preset)
     return Compose(
-        preprocess(preset, ["image"])
+        preprocess(preset, ["image"], reference=True)
         + [
-            SpatialPadd("image", spatial_size=list(roi)),
-            RandSpatialCropSamplesd("image", roi_size=list(roi), num_samples=samples, random_size=False),
+            SpatialPadd(keys, spatial_size=list(roi)),
+            RandSpatialCropSamplesd(keys, roi_size=list(roi), num_samples=samples, random_size=False),
         ]
     )
 
 
 def center_transforms(preset: Preset, roi: Sequence[int], keys: Sequence[str] = ("image",)) -> Compose:
-    """Preprocess, pad to the ROI and take the central ROI crop (validation and inspection)."""
+    """Preprocess (with the foreground reference, if the preset has one), pad to the ROI and take the central ROI
+    crop (validation and inspection)."""
+    spatial = with_reference(preset, keys)
     return Compose(
-        preprocess(preset, keys)
-        + [SpatialPadd(list(keys), spatial_size=list(roi)), CenterSpatialCropd(list(keys), roi_size=list(roi))]
+        preprocess(preset, keys, reference=True)
+        + [SpatialPadd(spatial, spatial_size=list(roi)), CenterSpatialCropd(spatial, roi_size=list(roi))]
     )
 
 

@@ -40,11 +40,25 @@ class MaskGenerator:
         self.ratio = float(ratio)
         self.size = int(size)
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.reference: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def foreground_source(self, x: torch.Tensor) -> torch.Tensor:
+        """The volumes subvolume means are taken of for the foreground decision: the call's reference, else x."""
+        return x if self.reference is None else self.reference
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask grid (B, nz, ny, nx) for x (B, C, D, H, W).
+
+        reference: (B, C', D, H, W), what the foreground is decided on when it is not x itself (the papers' HU
+        window beside an nnU-Net-normalised input); see :meth:`foreground_source`.
+        """
         if x.ndim != 5:
             raise ValueError(f"expected a batch of volumes (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if reference is not None and (reference.shape[0] != x.shape[0] or reference.shape[2:] != x.shape[2:]):
+            raise ValueError(f"reference {tuple(reference.shape)} does not match the batch {tuple(x.shape)}")
         grid = grid_shape(x.shape[2:], self.size)
+        self.reference = reference
         mask = self.build(x, grid, generator)
         self.last_stats.setdefault("masked_fraction", mask.float().mean())
         return mask

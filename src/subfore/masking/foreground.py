@@ -51,7 +51,7 @@ class ForegroundMask(MaskGenerator):
 
     def candidates(self, x: torch.Tensor) -> torch.Tensor:
         """The foreground grid (B, nz, ny, nx) of ``x``."""
-        return foreground_grid(x, self.size, self.threshold)
+        return foreground_grid(self.foreground_source(x), self.size, self.threshold)
 
     def build(self, x, grid, generator):
         fg = self.candidates(x)

@@ -95,7 +95,7 @@ class TeacherGuidedMask(MaskGenerator):
 
     def candidates(self, x: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(candidates, foreground) grids; candidates fall back to all cells for a sample without foreground."""
-        fg = foreground_grid(x, self.size, self.threshold)
+        fg = foreground_grid(self.foreground_source(x), self.size, self.threshold)
         if not self.gate:
             return torch.ones_like(fg), fg
         empty = ~fg.flatten(1).any(1)

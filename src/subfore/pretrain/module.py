@@ -18,6 +18,12 @@ from ..models.artifact import EncoderMeta, write_encoder
 from ..models.registry import Backbone, resolve_backbone
 
 
+def reference_of(batch: dict) -> torch.Tensor | None:
+    """The batch's foreground reference (B, C, D, H, W), where the preset carries one beside the image."""
+    ref = batch.get("reference")
+    return None if ref is None else torch.as_tensor(ref).float()
+
+
 class MaskedImageModel(RunModule):
     """Reconstruct masked subvolumes: x → mask → apply_mask → backbone → masked L1 against x."""
 
@@ -113,11 +119,14 @@ class MaskedImageModel(RunModule):
     def _fill(self):
         return self.mask_token if self.mask_token is not None else self.cfg.masking.fill
 
-    def reconstruct(self, x: torch.Tensor, generator: torch.Generator) -> dict:
-        """Mask x (B, C, D, H, W), reconstruct it, and return the loss with what produced it."""
+    def reconstruct(self, x: torch.Tensor, generator: torch.Generator, reference: torch.Tensor | None = None) -> dict:
+        """Mask x (B, C, D, H, W), reconstruct it, and return the loss with what produced it.
+
+        reference: (B, C, D, H, W) what the foreground is decided on, when the preset carries one beside x.
+        """
         if self.teacher is not None:
             self.masker.step = self.global_step
-        mask = self.masker(x, generator=generator)
+        mask = self.masker(x, generator=generator, reference=reference)
         x_in = apply_mask(x, mask, self._fill(), generator=generator)
         out = self.net(x_in)
         pred = out[:, : self.channels]
@@ -134,7 +143,8 @@ class MaskedImageModel(RunModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         x = torch.as_tensor(batch["image"]).float()
-        out = self.reconstruct(x, self.step_generator())
+        ref = reference_of(batch)
+        out = self.reconstruct(x, self.step_generator(), ref)
         loss = out["loss"]
         # A non-finite loss still goes through backward on every rank; optimizer_step then skips together.
         self.note_loss(loss, shown=out["recon_loss"])
@@ -145,7 +155,7 @@ class MaskedImageModel(RunModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=x.shape[0])
         if self._logging_now() or self._snapshot_now():
-            self._seen = {"x": x.detach(), "out": out, "stats": dict(stats)}
+            self._seen = {"x": x.detach(), "ref": ref, "out": out, "stats": dict(stats)}
         return loss
 
     def step_ended(self) -> None:
@@ -163,7 +173,8 @@ class MaskedImageModel(RunModule):
         x, out, stats = seen["x"], seen["out"], seen["stats"]
         fg = stats.get("foreground_fraction")
         if fg is None:
-            fg = foreground_grid(x, self.masker.size, self.threshold).float().mean()
+            source = x if seen.get("ref") is None else seen["ref"]
+            fg = foreground_grid(source, self.masker.size, self.threshold).float().mean()
         row = {
             "loss": self.step_loss(),
             "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
@@ -206,7 +217,7 @@ class MaskedImageModel(RunModule):
         # One mask per validation case, seeded by the case: val_loss compares across steps and process counts.
         case = int(torch.as_tensor(batch["case"]).flatten()[0])
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.seed, case, 99_991))
-        loss = self.reconstruct(x, generator)["loss"]
+        loss = self.reconstruct(x, generator, reference_of(batch))["loss"]
         self._val_sum += torch.stack([(loss.double() * w).sum(), w.sum()])
         return loss
 

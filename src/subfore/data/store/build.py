@@ -47,7 +47,7 @@ AIR_HU = -500.0  # denser than this is tissue (fat is ≈ −100 HU), thinner is
 def body_level(preset: Preset) -> float | None:
     """The normalised value above which a voxel is body: ``AIR_HU`` through the preset's HU window (its floor, when
     the window starts above it), or None without a window (MRI, z-scores): then the volume's minimum."""
-    w = preset.window
+    w = preset.reference_window or preset.window
     return None if w is None else w.to_normalised(max(AIR_HU, w.a_min))
 
 
@@ -101,24 +101,30 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
     signature = source_signature(item)  # before reading: a source rewritten meanwhile is rebuilt next time
     label_signature = source_signature(item, "label") if item.get("label") else None
     keys = ["image", "label"] if item.get("label") else ["image"]
-    data = load_item(Compose(preprocess(spec.preset, keys)), {k: item[k] for k in keys})
+    data = load_item(Compose(preprocess(spec.preset, keys, reference=True)), {k: item[k] for k in keys})
     image = data["image"]
     image = (image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)).float()
     where = str(as_list(item["image"])[0])
     arr = image.numpy().astype(DTYPES[spec.dtype])
     if not np.isfinite(arr).all():
         raise DataError(where, f"preprocessed values exceed {spec.dtype}'s range (set data.store_dtype: float32)")
+    # What the foreground (and the body) is decided on: the reference where the preset has one, else the image.
+    ref = data.get("reference")
+    ref = None if ref is None else (ref.as_tensor() if hasattr(ref, "as_tensor") else torch.as_tensor(ref)).float()
+    decide = image if ref is None else ref
     chunks, blocks = chunk_shapes(arr.shape, spec.roi)
     cparams = compression()
     spec.root.joinpath("volumes").mkdir(parents=True, exist_ok=True)
     record = {
         "source": source_text(item), "store": f"volumes/{vid}.b2nd", "shape": list(arr.shape),
         "spacing": list(spec.preset.array_spacing), "dtype": spec.dtype, "chunks": list(chunks),
-        "blocks": list(blocks), "body_bbox": body_bbox(arr, body_level(spec.preset)), "signature": signature,
-        "foreground_share": foreground_share(image, spec.subvolume, spec.threshold),
+        "blocks": list(blocks), "body_bbox": body_bbox(decide.numpy(), body_level(spec.preset)), "signature": signature,
+        "foreground_share": foreground_share(decide, spec.subvolume, spec.threshold),
         "foreground_threshold": spec.threshold, "subvolume_size": spec.subvolume,
     }
     outputs = [("image", arr, chunks, blocks)]
+    if ref is not None:
+        outputs.append(("reference", ref.numpy().astype(DTYPES[spec.dtype]), chunks, blocks))
     if "label" in keys:
         lab = data["label"]
         lab = (lab.as_tensor() if hasattr(lab, "as_tensor") else torch.as_tensor(lab)).round()
@@ -140,7 +146,7 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
             if kind == "image":
                 record["bytes"] = size
             else:
-                record["label"], record["label_bytes"] = rel, size
+                record[kind], record[f"{kind}_bytes"] = rel, size
         spec.path("record", vid).parent.mkdir(parents=True, exist_ok=True)
         write_text(spec.path("record", vid), json.dumps(record, indent=1), fsync=True)
         spec.path("failed", vid).unlink(missing_ok=True)

@@ -93,27 +93,35 @@ class StoreCrops(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _array(self, i: int):
+    def _array(self, i: int, kind: str = "store"):
         if self._handles is None:  # opened in the process that reads (loader workers each open their own)
             self._handles = _Handles()
-        return self._handles.get(self.root / self.records[i]["store"])
+        return self._handles.get(self.root / self.records[i][kind])
 
-    def crop_at(self, i: int, start: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(read_crop(self._array(i), [int(s) for s in start], self.roi))
+    def crop_at(self, i: int, start: Sequence[int], kind: str = "store") -> torch.Tensor:
+        """The crop at ``start`` of volume i's image (``kind`` "store") or foreground reference ("reference")."""
+        return torch.from_numpy(read_crop(self._array(i, kind), [int(s) for s in start], self.roi))
+
+    def sample(self, i: int, start: Sequence[int]) -> dict:
+        """{"image": (C, *roi)} and, where the store keeps one, the foreground "reference" (C, *roi) at ``start``."""
+        out = {"image": self.crop_at(i, start)}
+        if "reference" in self.records[i]:
+            out["reference"] = self.crop_at(i, start, "reference")
+        return {**out, **self.extras[i]}
 
     def draw(self, i: int, seed: int) -> list[dict]:
         rec = self.records[i]
         g = torch.Generator().manual_seed(int(seed))
         bbox = rec["body_bbox"] if self.crop == "body" else None
         starts = crop_starts(rec["shape"][1:], self.roi, bbox, self.samples, g)
-        return [{"image": self.crop_at(i, s.tolist()), **self.extras[i]} for s in starts]
+        return [self.sample(i, s.tolist()) for s in starts]
 
     def __getitem__(self, i: int) -> dict:
         shape = self.records[i]["shape"][1:]
         # CenterSpatialCrop of the padded volume: centre P // 2, start centre − roi // 2.
         origin = padded_origin(shape, self.roi)
         start = [o + max(s, r) // 2 - r // 2 for o, s, r in zip(origin, shape, self.roi)]
-        return {"image": self.crop_at(i, start), **self.extras[i]}
+        return self.sample(i, start)
 
     def __getstate__(self):
         state = dict(self.__dict__)

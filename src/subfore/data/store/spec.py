@@ -89,7 +89,11 @@ class StoreSpec:
 
     @staticmethod
     def key(preset: Preset, dtype: str) -> dict:
-        return {"format": STORE_FORMAT, "preset": preset.model_dump(mode="json"), "dtype": dtype}
+        key = {"format": STORE_FORMAT, "preset": preset.model_dump(mode="json"), "dtype": dtype}
+        w = preset.reference_window
+        if w is not None:  # its volumes carry the foreground reference too (stores without one keep their key)
+            key["reference_window"] = [w.a_min, w.a_max, w.b_min, w.b_max]
+        return key
 
     @classmethod
     def under(cls, cache_dir: str | Path, preset: Preset, dtype: str = "float16", **kw) -> "StoreSpec":
@@ -100,7 +104,8 @@ class StoreSpec:
         return cls(Path(cache_dir) / f"store-{hashlib.sha1(blob).hexdigest()[:12]}", preset, dtype, **kw)
 
     def path(self, kind: str, vid: str) -> Path:
-        suffix = {"record": ".json", "failed": ".json", "image": ".b2nd", "label": ".label.b2nd"}[kind]
+        suffix = {"record": ".json", "failed": ".json", "image": ".b2nd", "label": ".label.b2nd",
+                  "reference": ".reference.b2nd"}[kind]
         folder = {"record": "records", "failed": "failed"}.get(kind, "volumes")
         return self.root / folder / f"{vid}{suffix}"
 
@@ -120,7 +125,7 @@ class StoreSpec:
                 return None
         except OSError:
             return None
-        files = [(rec["store"], rec["bytes"])] + ([(rec["label"], rec["label_bytes"])] if "label" in rec else [])
+        files = [(rec["store"], rec["bytes"])] + [(rec[k], rec[f"{k}_bytes"]) for k in ("label", "reference") if k in rec]
         for rel, size in files:
             f = self.root / rel
             if not f.is_file() or f.stat().st_size != size:
