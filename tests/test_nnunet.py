@@ -202,7 +202,8 @@ def test_real_ct_planned_by_nnunet_pretrains_with_the_default_threshold(tmp_path
     (raw / "labelsTr").mkdir()
     (raw / "imagesTr" / "ct_0000.nii.gz").symlink_to(REAL_CT)
     seg = nib.load(REAL_SEG)
-    organs = (np.asarray(seg.dataobj) > 0).astype(np.uint8)
+    # Liver, spleen and kidneys (TotalSegmentator ids 5, 1, 2, 3), as in the case that used to be refused.
+    organs = np.isin(np.asarray(seg.dataobj), [1, 2, 3, 5]).astype(np.uint8)
     nib.save(nib.Nifti1Image(organs, seg.affine), raw / "labelsTr" / "ct.nii.gz")
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 1,
                                                   "labels": {"background": 0, "organs": 1}, "file_ending": ".nii.gz"}))
@@ -227,15 +228,16 @@ def test_real_ct_planned_by_nnunet_pretrains_with_the_default_threshold(tmp_path
     preset = cfg.data.preset_obj()
     [record] = records_for(store_for(cfg), [{"image": str(raw / "imagesTr" / "ct_0000.nii.gz")}], skip_bad=False)
     crops = StoreCrops(store_for(cfg), [record], cfg.data.roi)
-    centre = crops[0]
     ct = Compose(preprocess(Preset(spacing=preset.spacing)))({"image": str(REAL_CT)})["image"]
-    ct = torch.as_tensor(ct).permute(0, *(a + 1 for a in preset.axes)).half().float()  # the store's fp16
+    ct = torch.as_tensor(ct).permute(0, *(a + 1 for a in preset.axes)).half().float()  # the store's fp16, its axes
     shape, roi = ct.shape[1:], cfg.data.roi
-    start = [o + max(s, r) // 2 - r // 2 for o, s, r in zip(padded_origin(shape, roi), shape, roi)]  # the centre crop
-    ct_crop = torch.from_numpy(read_crop(ct.numpy(), start, cfg.data.roi))
-    ours = foreground_grid(centre["reference"][None], 16, 0.1)
-    assert torch.equal(ours, foreground_grid(ct_crop[None], 16, 0.1))
-    assert 0 < int(ours.sum()) < ours.numel()  # both kinds of subvolume on this crop
+    centre = [o + max(s, r) // 2 - r // 2 for o, s, r in zip(padded_origin(shape, roi), shape, roi)]
+    grids = []
+    for start in (centre, [0, 0, 0]):  # inside the body, and a corner with air
+        ours = foreground_grid(crops.sample(0, start)["reference"][None], 16, 0.1)
+        assert torch.equal(ours, foreground_grid(torch.from_numpy(read_crop(ct.numpy(), start, roi))[None], 16, 0.1))
+        grids.append(ours)
+    assert 0 < int(sum(g.sum() for g in grids)) < sum(g.numel() for g in grids)  # both kinds of subvolume
 
 
 def total_strides_of(plans: Path) -> tuple[int, ...]:

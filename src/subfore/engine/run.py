@@ -61,7 +61,7 @@ class RunControl(Callback):
         module.stop_request = self.stop  # installed by the CLI or fit(); Lightning's own is never installed
 
     def on_train_end(self, trainer, module: RunModule) -> None:
-        trainer.save_checkpoint(self.last)  # every rank: the save holds a barrier
+        trainer.save_checkpoint(self.last, weights_only=False)  # every rank: the save holds a barrier
         if trainer.world_size > 1:
             self._check_replicas(trainer, module)
         if trainer.is_global_zero and self.on_end is not None:
@@ -93,8 +93,8 @@ class MetricsWriter(Callback):
         if trainer.is_global_zero and module.stepped:
             row = module.pop_row()
             if row:
-                if module.step_skipped:
-                    row["skipped"] = True
+                if module.step_skipped:  # its loss is the one that was not finite somewhere: not a number to plot
+                    row.update(loss=None, skipped=True)
                 append_jsonl(self.path, finite({"step": trainer.global_step, **row}))
 
     def on_validation_end(self, trainer, module: RunModule) -> None:
@@ -172,10 +172,11 @@ def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Traine
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     plugins = [SLURMEnvironment(auto_requeue=False)] if slurm_job() else None
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoAdvert) for f in logger.filters):
-            logger.addFilter(_NoAdvert())
+    # Lightning prints through the handlers of its two top loggers; a filter there sees every one of its lines.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _NoAdvert) for f in handler.filters):
+                handler.addFilter(_NoAdvert())
     devices, num_nodes = t.devices, t.num_nodes
     external = launched_layout()
     if external is not None and devices == "auto":
