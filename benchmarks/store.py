@@ -41,7 +41,7 @@ def _store(cache: Path, spacing: float):
     from subfore.data.presets import Preset
     from subfore.data.store import StoreSpec
 
-    return StoreSpec.under(cache, Preset(spacing=(spacing,) * 3), "float16", roi=ROI, threshold=0.1)
+    return StoreSpec.under(cache, Preset(spacing=(spacing,) * 3), "float16", threshold=0.1)
 
 
 def _persistent(items, cache: Path, spacing: float):

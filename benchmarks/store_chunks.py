@@ -2,7 +2,7 @@
 
     python benchmarks/store_chunks.py [--chunks 48,64,80,96,112] [--rois 64,96,128,160] [--crops 30]
 
-One phantom CT at 1 mm (360×260×280 voxels) is written once per chunk side with the store's own compression
+One phantom CT at 1 mm (``--fov``, default 360×260×280 voxels) is written once per chunk side with the store's own compression
 (fp16, 16³ blocks); each ROI then reads ``--crops`` random crops (after 3 warm-up crops) in this process, page
 cache warm. The table gives crops/s and, per ROI, each chunk's share of the best chunk's rate.
 """
@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--chunks", default="48,64,80,96,112")
     p.add_argument("--rois", default="64,96,128,160")
     p.add_argument("--crops", type=int, default=30)
+    p.add_argument("--fov", default="360,260,280", help="phantom field of view, mm (1 mm voxels)")
     args = p.parse_args()
     import blosc2
     import torch
@@ -40,7 +41,8 @@ def main() -> None:
     out: dict = {"crops": args.crops, "crops_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_phantoms(tmp / "ph", n=1, seed=0, spec=PhantomSpec(spacing=(1.0, 1.0, 1.0)))
+        fov = tuple(float(v) for v in args.fov.split(","))
+        write_phantoms(tmp / "ph", n=1, seed=0, spec=PhantomSpec(spacing=(1.0, 1.0, 1.0), fov=fov))
         src = next((tmp / "ph" / "imagesTr").glob("*.nii.gz"))
         image = Compose(preprocess(Preset(spacing=(1.0, 1.0, 1.0)), ["image"]))({"image": str(src)})["image"]
         arr = np.ascontiguousarray(np.asarray(image, dtype=np.float16))

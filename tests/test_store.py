@@ -69,7 +69,7 @@ ZSCORE = Preset(modality="nnunet", spacing=(4.0, 4.0, 4.0), norms=(ChannelNorm(s
                                           (ZSCORE, "float16")], ids=["ct-fp16", "ct-fp32", "zscore-fp16"])
 def test_stored_crops_equal_in_memory_crops(phantom_dir, tmp_path, preset, dtype):
     items = [{"image": str(p)} for p in sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))]
-    spec = StoreSpec.under(tmp_path, preset, dtype, roi=(32, 32, 32), threshold=0.1)
+    spec = StoreSpec.under(tmp_path, preset, dtype, threshold=0.1)
     threads = torch.get_num_threads()
     assert preprocess_store(spec, items, progress=False)["built"] == len(items)
     assert torch.get_num_threads() == threads  # an in-process build leaves the caller's (the trainer's) threads
@@ -285,7 +285,7 @@ def test_a_volume_another_builder_holds_is_left_busy_then_built_once(phantom_dir
     import fcntl
 
     items = [{"image": str(p)} for p in sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))]
-    spec = StoreSpec.under(tmp_path / "cache", Preset(spacing=(4.0, 4.0, 4.0)), roi=(32, 32, 32))
+    spec = StoreSpec.under(tmp_path / "cache", Preset(spacing=(4.0, 4.0, 4.0)))
     held = items[1]
     lock = spec.root / "locks" / f"{volume_id(held)}.lock"
     lock.parent.mkdir(parents=True)
@@ -329,7 +329,7 @@ def test_build_refuses_labels_that_do_not_fit_uint8(tmp_path):
 
     img = write_nifti(tmp_path / "img.nii.gz", np.zeros((20, 20, 20), np.int16))
     lab = write_nifti(tmp_path / "lab.nii.gz", np.full((20, 20, 20), 300, np.int16))
-    spec = StoreSpec.under(tmp_path / "cache", Preset(), "float16", roi=(16, 16, 16))
+    spec = StoreSpec.under(tmp_path / "cache", Preset(), "float16")
     from subfore.errors import DataError
 
     with pytest.raises(DataError, match="lab.nii.gz: label values 300…300 do not fit uint8"):

@@ -20,6 +20,7 @@ from .build import (
 from .read import StoreCrops, crop_starts, padded_origin, read_crop
 from .spec import (
     BLOCK,
+    CHUNK,
     DTYPES,
     STORE_FORMAT,
     StoreSpec,
@@ -33,7 +34,7 @@ from .spec import (
 )
 
 __all__ = [
-    "AIR_HU", "BLOCK", "DTYPES", "STORE_FORMAT", "StoreCrops", "StoreSpec", "StoreWriteError", "body_bbox", "body_level", "build_volume",
+    "AIR_HU", "BLOCK", "CHUNK", "DTYPES", "STORE_FORMAT", "StoreCrops", "StoreSpec", "StoreWriteError", "body_bbox", "body_level", "build_volume",
     "chunk_shapes", "crop_starts", "foreground_share", "padded_origin", "preprocess_config", "preprocess_store",
     "read_crop", "record_failure", "records_for", "source_signature", "source_text", "store_for", "store_spec",
     "unique_items", "volume_id", "wait_for_store", "write_manifest",

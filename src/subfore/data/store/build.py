@@ -112,7 +112,7 @@ def build_volume(spec: StoreSpec, item: dict, rank: int = 0) -> dict:
     ref = data.get("reference")
     ref = None if ref is None else (ref.as_tensor() if hasattr(ref, "as_tensor") else torch.as_tensor(ref)).float()
     decide = image if ref is None else ref
-    chunks, blocks = chunk_shapes(arr.shape, spec.roi)
+    chunks, blocks = chunk_shapes(arr.shape)
     cparams = compression()
     spec.root.joinpath("volumes").mkdir(parents=True, exist_ok=True)
     record = {

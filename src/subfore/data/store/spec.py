@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 BLOCK = 16  # blosc2 block side (voxels): the masking subvolume, the smallest unit a crop decodes
+CHUNK = 96  # blosc2 chunk side (voxels), in whole blocks
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -63,15 +63,16 @@ def volume_id(item: dict) -> str:
     return f"{safe}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
-def chunk_shapes(shape: Sequence[int], roi: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(chunks, blocks) for a (C, X, Y, Z) array read in ``roi`` crops.
+def chunk_shapes(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(chunks, blocks) for a (C, X, Y, Z) array: ``CHUNK``³ chunks of 16³ blocks, whatever ROI reads them.
 
-    Blocks are 16³ (one masking subvolume; blosc2 decodes whole blocks); a chunk spans about ⅔ of the ROI per
-    axis, rounded up to whole blocks, so a random crop touches 2-3 chunks per axis and decodes little it drops.
+    Blocks are 16³ (one masking subvolume; blosc2 decodes whole blocks). The chunk side does not depend on the
+    run that builds the store, so runs with other ROIs share it as well as the first: 96³ read random crops of
+    64³–160³ within 1–14 % of the best of the chunk sides measured (48–128; docs/benchmarks.md).
     """
     spatial = shape[1:]
     blocks = tuple(min(BLOCK, s) for s in spatial)
-    chunks = tuple(min(s, max(BLOCK, math.ceil(2 * r / 3 / BLOCK) * BLOCK)) for s, r in zip(spatial, roi))
+    chunks = tuple(min(s, CHUNK) for s in spatial)
     return (shape[0], *chunks), (1, *blocks)
 
 
@@ -83,7 +84,6 @@ class StoreSpec:
     root: Path
     preset: Preset
     dtype: str = "float16"
-    roi: tuple[int, int, int] = (96, 96, 96)
     threshold: float | str = 0.1  # λ in normalised units (or "otsu"), for each volume's foreground_share
     subvolume: int = 16
 
@@ -176,8 +176,7 @@ def store_spec(data, preset: Preset, threshold: float | str, subvolume: int) -> 
     "otsu") under ``data.cache_dir``."""
     if data.cache_dir is None:
         raise SubforeError("data.cache_dir is null: the store needs a folder (set data.cache_dir)")
-    return StoreSpec.under(data.cache_dir, preset, data.store_dtype, roi=tuple(data.roi), threshold=threshold,
-                           subvolume=subvolume)
+    return StoreSpec.under(data.cache_dir, preset, data.store_dtype, threshold=threshold, subvolume=subvolume)
 
 
 def store_for(cfg) -> StoreSpec:
