@@ -401,3 +401,157 @@ def test_finetune_evaluate_predict_take_resenc(nn, pretrained, tmp_path):
     src, seg = nib.load(nn["image"]), nib.load(written[0])
     # The nnU-Net axis order is undone: labels land on the input's own grid.
     assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
+
+
+# --- nnssl checkpoints: nnU-Net main's PretrainedTrainer route, both ways ----------------------------------
+NNSSL_KEYS = {"architecture_plans", "pretrain_plan", "pretrain_num_input_channels", "recommended_downstream_patchsize",
+              "key_to_encoder", "key_to_stem", "keys_to_in_proj", "key_to_lpe"}
+# nnssl's ConfigurationPlan fields (nnssl's Plan.from_dict refuses any other)
+NNSSL_CONF = {"data_identifier", "preprocessor_name", "spacing_style", "normalization_schemes", "use_mask_for_norm",
+              "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_mask", "resampling_fn_mask_kwargs",
+              "spacing", "patch_size"}
+
+
+@pytest.fixture(scope="module")
+def nnssl_ckpt(nn, pretrained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("nnssl") / "ckpt.pth"
+    report = ok(run(SUBFORE, "export", "nnssl", pretrained, "--out", out)).stdout
+    assert "loaded back with" in report and "nnUNetv2_preprocess_like_nnssl" in report
+    return out
+
+
+def test_nnssl_export_is_the_documented_format(nn, pretrained, nnssl_ckpt):
+    ckpt = torch.load(nnssl_ckpt, weights_only=True)  # plain data: nnU-Net loads it this way
+    plan = ckpt["nnssl_adaptation_plan"]
+    assert NNSSL_KEYS <= set(plan)
+    arch = plans_arch(nn["plans"])
+    ap = plan["architecture_plans"]
+    assert ap["arch_class_name"] == arch["network_class_name"] and ap["arch_kwargs"] == arch["arch_kwargs"]
+    assert ap["arch_class_name"].endswith(".ResidualEncoderUNet")  # what PretrainedTrainer builds from the plans
+    assert ap["arch_kwargs_requiring_import"] == [k for k in arch["_kw_requires_import"]
+                                                 if arch["arch_kwargs"][k] is not None]
+    (conf,) = plan["pretrain_plan"]["configurations"].values()
+    assert set(conf) == NNSSL_CONF
+    fullres = json.loads(nn["plans"].read_text())["configurations"]["3d_fullres"]
+    # The nnunet preset works in nnU-Net's axis order: the plans' spacing, the crop as configured.
+    assert conf["spacing"] == fullres["spacing"] and conf["patch_size"] == [32, 32, 32]
+    assert conf["normalization_schemes"] == fullres["normalization_schemes"]
+    assert plan["recommended_downstream_patchsize"] == fullres["patch_size"]
+    assert plan["pretrain_num_input_channels"] == 1 and plan["key_to_lpe"] is None
+    assert (plan["key_to_encoder"], plan["key_to_stem"]) == ("encoder.stages", "encoder.stem")
+    assert plan["keys_to_in_proj"] == ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"]
+    assert {c["name"].split(" ")[0] for c in ckpt["citations"]} == {"AnatoMask", "nnU-Net"}  # the fixture's masks
+    encoder = torch.load(pretrained / "encoder.pt", weights_only=True)
+    assert ckpt["network_weights"].keys() == encoder.keys()
+    assert all(torch.equal(ckpt["network_weights"][k], encoder[k]) for k in encoder)
+    # PretrainedTrainer's loading, as it does it: strict loads of the stem and the encoder stages.
+    net = nnunet_net(nn["plans"], 1)
+    for key in (plan["key_to_encoder"], plan["key_to_stem"]):
+        part = {k[len(key) + 1:]: v for k, v in ckpt["network_weights"].items() if k.startswith(key + ".")}
+        net.get_submodule(key).load_state_dict(part)
+    assert all(torch.equal(v, encoder[k]) for k, v in net.state_dict().items() if k.startswith("encoder."))
+
+
+def test_nnssl_export_loads_with_nnunet_mains_pretrained_trainer(nn, nnssl_ckpt, pretrained):
+    pytest.importorskip("nnunetv2.training.nnUNetTrainer.pretraining.pretrainedTrainer",
+                        reason="nnU-Net's nnssl route is on its main branch only (not in the PyPI 2.8.1 installed); "
+                               "the format test above checks the file against its documentation instead")
+    from subfore.models.nnunet.export import check_nnssl
+
+    encoder = torch.load(pretrained / "encoder.pt", weights_only=True)
+    assert check_nnssl(nnssl_ckpt, encoder) == "nnU-Net's PretrainedTrainer.load_pretrained_weights"
+
+
+def test_nnssl_checkpoints_are_read_by_init_from_probe_and_finetune(nn, nnssl_ckpt, pretrained, tmp_path):
+    from subfore.config import PretrainConfig
+    from subfore.models.artifact import read_encoder
+    from subfore.pretrain.module import MaskedImageModel
+
+    # A checkpoint as nnssl itself writes it (no subfore metadata): the architecture comes from its plan.
+    ckpt = torch.load(nnssl_ckpt, weights_only=True)
+    plan = ckpt["nnssl_adaptation_plan"]
+    (conf,) = plan["pretrain_plan"]["configurations"].values()
+    with pytest.raises(SubforeError, match="CTNormalization of channel 0 needs its foreground intensity"):
+        torch.save({"network_weights": ckpt["network_weights"], "nnssl_adaptation_plan": plan}, tmp_path / "ct.pth")
+        read_encoder(tmp_path / "ct.pth")  # the probe needs the preprocessing, which this plan cannot give
+    conf["normalization_schemes"] = ["ZScoreNormalization"]  # as nnssl writes it
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"network_weights": ckpt["network_weights"], "nnssl_adaptation_plan": plan,
+                "optimizer_state": {"state": {}, "param_groups": []}, "current_epoch": 3}, foreign)
+    meta, state = read_encoder(foreign)
+    arch = plans_arch(nn["plans"])
+    inline = meta.model["nnunet_architecture"]
+    assert meta.name == "resenc" and inline["network_class_name"] == arch["network_class_name"]
+    assert inline["arch_kwargs"] == arch["arch_kwargs"]  # dropout_op None: nnssl lists it under no import
+    assert meta.roi == (32, 32, 32) and meta.preset.modality == "nnunet" and meta.source == "nnssl checkpoint"
+    # --init-from starts from exactly the file's tensors (teacher too), output layer where it fits.
+    cfg = load_config(None, [], PretrainConfig, base=pretrain_tree(nn, tmp_path / "init"))
+    module = MaskedImageModel(cfg)
+    report = module.init_weights(foreign)
+    assert report.encoder_loaded == report.encoder_total > 0
+    for k, v in module.net.state_dict().items():
+        if k in state:
+            assert torch.equal(v, state[k]), k
+    assert all(torch.equal(v, module.net.state_dict()[k]) for k, v in module.teacher.state_dict().items())
+    # Through the console script: pretrain --init-from, probe --encoder.
+    tree = pretrain_tree(nn, tmp_path / "cont")
+    tree["train"]["max_steps"] = 1
+    cfg_path = tmp_path / "cont.yaml"
+    cfg_path.write_text(json.dumps(tree))
+    ok(run(SUBFORE, "pretrain", "--config", cfg_path, "--init-from", foreign))
+    first = (tmp_path / "cont" / "init_load.txt").read_text().splitlines()[0]
+    assert f"{foreign} (nnssl checkpoint)" in first and re.search(r"\((\d+)/\1 of the encoder\)", first), first
+    assert yaml_value(tmp_path / "cont" / "config.yaml", "init_from") == str(foreign)
+    out = tmp_path / "probe.json"
+    ok(run(SUBFORE, "probe", "--encoder", nnssl_ckpt, "--data", nn["raw"], "--split", "training", "--test-split",
+           "training", "--steps", "3", "--out", out))
+    assert json.loads(out.read_text())["encoder"] == str(nnssl_ckpt)
+
+
+def yaml_value(path: Path, key: str):
+    import yaml
+
+    return yaml.safe_load(path.read_text())[key]
+
+
+def test_an_nnssl_checkpoint_of_another_architecture_is_refused_with_the_first_difference(nn, pretrained, tmp_path):
+    from subfore.models.nnunet.export import export_nnssl
+
+    ckpt = torch.load(export_nnssl(pretrained, tmp_path / "ok.pth").path, weights_only=True)
+    w = dict(ckpt["network_weights"])
+    key = "encoder.stages.1.blocks.0.conv1.conv.weight"
+    w[key] = torch.zeros(3, *w[key].shape[1:])
+    torch.save({**ckpt, "network_weights": w}, tmp_path / "bad.pth")
+    tree = pretrain_tree(nn, tmp_path / "bad")
+    tree["init_from"] = str(tmp_path / "bad.pth")
+    (tmp_path / "bad.yaml").write_text(json.dumps(tree))
+    line = one_error_line(run(SUBFORE, "pretrain", "--config", tmp_path / "bad.yaml"))
+    shape = list(ckpt["network_weights"][key].shape)
+    assert f"first difference {key}: {[3, *shape[1:]]} in the file, {shape} here" in line, line
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_nnunet_weights_files_name_their_architecture_to_subfore(nn, pretrained, tmp_path):
+    from subfore.models.artifact import read_encoder, read_weights
+
+    encoder = torch.load(pretrained / "encoder.pt", weights_only=True)
+    # subfore's own -pretrained_weights export carries the encoder.json of its target network.
+    path = ok_export(pretrained, tmp_path / "pw.pth")
+    meta, state = read_encoder(path)
+    assert meta.name == "resenc" and meta.model["nnunet_architecture"] == plans_arch(nn["plans"])
+    assert all(torch.equal(state[k], encoder[k]) for k in state)
+    # An nnU-Net training checkpoint (checkpoint_final.pth) names its plans and configuration in init_args.
+    plans = json.loads(nn["plans"].read_text())
+    torch.save({"network_weights": encoder, "init_args": {
+        "plans": plans, "configuration": "3d_fullres", "fold": 0,
+        "dataset_json": {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}}},
+        "trainer_name": "nnUNetTrainer", "current_epoch": 1000}, tmp_path / "checkpoint_final.pth")
+    found = read_weights(tmp_path / "checkpoint_final.pth")
+    fullres = plans["configurations"]["3d_fullres"]
+    assert found.kind == "nnU-Net weights" and found.meta.roi == tuple(fullres["patch_size"])
+    assert found.meta.model["nnunet_architecture"]["arch_kwargs"] == plans_arch(nn["plans"])["arch_kwargs"]
+    assert list(found.meta.preset.array_spacing) == pytest.approx(fullres["spacing"])
+    # A bare network_weights file names nothing: finetune takes it, the probe says why it cannot.
+    torch.save({"network_weights": encoder}, tmp_path / "bare.pth")
+    with pytest.raises(SubforeError, match=r"bare.pth: this nnU-Net weights file names no architecture"):
+        read_encoder(tmp_path / "bare.pth")

@@ -65,6 +65,9 @@ TINY = {
     "probe": ["--steps", "20", "--device", "cpu"],
     "fingerprint": ["--crops", "4"],
     "preprocess": _sets(PRETRAIN),
+    # configs/pretrain/resenc_cpu.yaml keeps its own (small, inline) nnU-Net network
+    "pretrain resenc": _sets([o for o in PRETRAIN if not o.startswith("model.")] + ["train.max_steps=2"]),
+    "export": [],
 }
 
 
@@ -114,6 +117,8 @@ def command_of(argv: list[str]) -> str:
         return f"{name} --resume"
     if name == "study" and "--check" in args:
         return "study --check"
+    if name == "pretrain" and any("resenc" in a for a in args):
+        return "pretrain resenc"
     return name
 
 
@@ -128,6 +133,11 @@ def parse(argv: list[str]) -> dict:
     with group.make_context("subfore", list(args), resilient_parsing=True) as ctx:
         cmd = group.get_command(ctx, args[0])
         assert cmd is not None, f"no command {args[0]!r}"
+        if hasattr(cmd, "get_command"):  # a group (subfore export hub …): its subcommand's parameters
+            ctx = cmd.make_context(args[0], list(args[1:]), parent=ctx, resilient_parsing=True)
+            args = args[1:]
+            cmd = cmd.get_command(ctx, args[0])
+            assert cmd is not None, f"no command {args[0]!r}"
         return cmd.make_context(args[0], list(args[1:]), parent=ctx).params
 
 
@@ -145,7 +155,8 @@ def _png(path: Path) -> None:
 def _pretrain_cfg(cwd: Path, p: dict):
     from subfore.config import load_config
 
-    return load_config(cwd / p["config"], list(p["set_"] or []))
+    init = [f"init_from={p['init_from']}"] if p.get("init_from") else []
+    return load_config(cwd / p["config"], list(p["set_"] or []) + init)
 
 
 def check_phantoms(cwd: Path, p: dict, before) -> None:
@@ -190,7 +201,25 @@ def check_pretrain(cwd: Path, p: dict, before) -> None:
     assert any("val_loss" in r for r in rows)
     assert json.loads((run / "encoder.json").read_text())["step"] == 2
     assert (run / "encoder.pt").stat().st_size > 0 and (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "encoder.safetensors").stat().st_size > 0
     _png(run / "snapshots" / "step_000002.png")
+    if cfg.init_from:
+        report = (run / "init_load.txt").read_text()
+        loaded, total = map(int, re.search(r"(\d+)/(\d+) of the encoder", report).groups())
+        assert loaded == total > 0, report
+
+
+def check_export(cwd: Path, p: dict, before) -> None:
+    import torch
+
+    out = cwd / p["out"]
+    if (out / "config.json").exists():  # export hub
+        config = json.loads((out / "config.json").read_text())
+        assert config["library_name"] == "subfore" and config["network"]["class"].startswith("monai.networks.nets.")
+        assert (out / "model.safetensors").stat().st_size > 0 and "## Load it" in (out / "README.md").read_text()
+    else:  # export nnssl
+        ckpt = torch.load(out, weights_only=True)
+        assert {"network_weights", "nnssl_adaptation_plan", "citations"} <= set(ckpt)
 
 
 def before_resume(cwd: Path, p: dict):
@@ -324,6 +353,8 @@ CHECKS = {
     "probe": check_probe,
     "fingerprint": check_fingerprint,
     "preprocess": check_preprocess,
+    "pretrain resenc": check_pretrain,
+    "export": check_export,
 }
 BEFORE = {"pretrain --resume": before_resume}
 

@@ -13,16 +13,17 @@ docs/api.md walks through a whole pretrain → finetune → evaluate script. Mas
 from __future__ import annotations
 
 from .config import FinetuneConfig, PretrainConfig, ProbeSettings, load_config
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_predictions
 from .finetune import finetune
 from .fingerprint import fingerprint
 from .inference import predict
-from .models.artifact import EncoderMeta, read_encoder
-from .models.nnunet.export import export_nnunet
+from .models.artifact import EncoderMeta, read_encoder, read_weights
+from .models.hub import export_hub
+from .models.nnunet.export import export_nnssl, export_nnunet
 from .pretrain import pretrain
 from .probe import probe_encoder as probe
 from .study import StudyConfig, study
 
 __all__ = ["EncoderMeta", "FinetuneConfig", "PretrainConfig", "ProbeSettings", "StudyConfig", "evaluate",
-           "export_nnunet", "finetune", "fingerprint", "load_config", "predict", "pretrain", "probe", "read_encoder",
-           "study"]
+           "evaluate_predictions", "export_hub", "export_nnssl", "export_nnunet", "finetune", "fingerprint", "load_config", "predict",
+           "pretrain", "probe", "read_encoder", "read_weights", "study"]

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .data.phantoms import BTCV_NAMES
 from .data.plans import preset_from_plans
@@ -97,6 +98,9 @@ class ModelConfig(Strict):
     # nnU-Net (resenc: the network; data.preset nnunet: the preprocessing). resenc_l is fixed and needs no plans.
     nnunet_plans: str | None = Field(None, description="nnU-Net plans JSON, e.g. nnUNetResEncUNetLPlans.json")
     nnunet_configuration: str = Field("3d_fullres", description="the plans' configuration to build")
+    nnunet_architecture: dict[str, Any] | None = Field(
+        None, description="resenc without plans: an nnU-Net 'architecture' entry (network_class_name, arch_kwargs, "
+        "_kw_requires_import), as read from an nnssl checkpoint")
 
     @field_validator("name")
     @classmethod
@@ -105,10 +109,21 @@ class ModelConfig(Strict):
             raise ValueError(f"unknown backbone {v!r}; registered: {', '.join(BACKBONES)}")
         return v
 
+    @model_serializer(mode="wrap")
+    def _without_inline(self, handler):
+        # Configs and encoder.json files of plans-built or MONAI models dump as before the inline architecture.
+        data = handler(self)
+        if data.get("nnunet_architecture") is None:
+            data.pop("nnunet_architecture", None)
+        return data
+
     @model_validator(mode="after")
     def _plans(self) -> "ModelConfig":
-        if self.name == "resenc" and not self.nnunet_plans:
+        if self.name == "resenc" and not self.nnunet_plans and not self.nnunet_architecture:
             raise ValueError("model.name resenc is built from an nnU-Net plans file: set model.nnunet_plans")
+        if self.nnunet_architecture is not None and not {"network_class_name", "arch_kwargs"} <= set(
+                self.nnunet_architecture):
+            raise ValueError("model.nnunet_architecture needs network_class_name and arch_kwargs")
         return self
 
 
@@ -200,6 +215,12 @@ class ProbeSettings(Strict):
     every: int = Field(0, ge=0, description="pretraining only: probe every N steps (0: at the end only)")
 
 
+class ExportConfig(Strict):
+    formats: list[Literal["pt", "safetensors"]] = Field(
+        default_factory=lambda: ["pt", "safetensors"], min_length=1,
+        description="the encoder's weight files: encoder.pt (a plain state_dict) and/or encoder.safetensors")
+
+
 class PretrainConfig(Strict):
     """Everything ``subfore pretrain`` needs; see configs/pretrain/*.yaml."""
 
@@ -211,6 +232,9 @@ class PretrainConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     probe: ProbeSettings | None = Field(None, description="a linear probe of the frozen network during pretraining")
+    export: ExportConfig = Field(default_factory=lambda: ExportConfig())
+    init_from: str | None = Field(None, description="weights to start from (step 0, fresh optimiser): a subfore run "
+                                  "or model folder, an nnssl checkpoint, nnU-Net or other weights files")
 
     @model_validator(mode="after")
     def _defaults(self) -> "PretrainConfig":

@@ -1,22 +1,25 @@
-"""Scoring and inference: per-class Dice, NSD (and HD95), the evaluate report, and predict on the input's grid."""
+"""Scoring: per-class Dice, NSD (and HD95) of a finetuned checkpoint or of any tool's label files, each prediction
+compared with its ground truth in physical space on the label's own grid; the evaluate report."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
-from monai.transforms import Compose, Invertd, LoadImaged
+from monai.transforms import Compose, Invertd, LoadImage, LoadImaged, ResampleToMatch
 
-from .data.brats import convention_of
-from .data.datalist import case_id, load_datalists
+from .data.brats import label_names, convention_of, dataset_json
+from .data.datalist import IMAGE_SUFFIXES, as_list, case_id, load_datalists
 from .data.dataset import load_item
-from .data.transforms import eval_transforms, label_transforms
+from .data.transforms import RemapLabels, eval_transforms, label_transforms
 from .errors import DataError, SubforeError
 from .inference import load_finetuned, predict, predict_volume
 from .io import write_json
@@ -25,8 +28,13 @@ from .report import ABSENT_RULE, dice_per_class, plot_bars, write_table
 HD95_RULE = ("HD95 of a class the prediction misses, or predicts where the ground truth has none, is the image "
              "diagonal in mm (the BraTS evaluation's rule); absent from both: excluded (null)")
 GRIDS = ("label", "resampled")
+# Two grids are one when their voxel centres agree this closely: NIfTI stores its affine in float32 (≈1e-5 mm at
+# 200 mm from the origin), so exact equality would resample copies of the same grid for nothing.
+ORIGIN_TOL_MM = 1e-3
+AXIS_TOL = 1e-4  # relative to the largest spacing, on the affine's 3×3 (direction × spacing)
 
-__all__ = ["ABSENT_RULE", "GRIDS", "HD95_RULE", "case_metrics", "evaluate", "predict"]  # predict: its former home
+__all__ = ["ABSENT_RULE", "GRIDS", "HD95_RULE", "case_metrics", "evaluate", "evaluate_predictions", "find_prediction",
+           "grids_agree", "on_label_grid", "predict"]  # predict: its former home
 
 
 def case_metrics(pred: torch.Tensor, label: torch.Tensor, n_classes: int, spacing: Sequence[float],
@@ -67,6 +75,97 @@ def _nanmean(values: list[float]) -> float | None:
     return round(sum(vals) / len(vals), 6) if vals else None
 
 
+# --- physical space -----------------------------------------------------------------------------------------
+def _affine(t: torch.Tensor) -> np.ndarray:
+    return np.asarray(t.affine if isinstance(t, MetaTensor) else torch.eye(4), dtype=np.float64)
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((affine[:3, :3] ** 2).sum(0))
+
+
+def grids_agree(a: np.ndarray, a_shape: Sequence[int], b: np.ndarray, b_shape: Sequence[int]) -> bool:
+    """Whether two grids (4×4 voxel → mm affines, spatial shapes) place every voxel centre at the same point."""
+    if tuple(a_shape) != tuple(b_shape):
+        return False
+    axes_tol = AXIS_TOL * float(_spacing(b).max())
+    return bool(np.abs(a[:3, :3] - b[:3, :3]).max() <= axes_tol and np.abs(a[:3, 3] - b[:3, 3]).max() <= ORIGIN_TOL_MM)
+
+
+def _uncovered_mm(pred: np.ndarray, pred_shape: Sequence[int], label: np.ndarray, label_shape: Sequence[int]) -> float:
+    """How far (mm) the label's voxel centres reach outside the prediction's voxels (0 when all lie inside)."""
+    # The grids are affine images of boxes, so the label's 8 corner voxel centres bound all of them.
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in label_shape], indexing="ij")).reshape(3, -1)
+    idx = (np.linalg.inv(pred) @ label @ np.vstack([corners, np.ones(corners.shape[1])]))[:3]
+    upper = np.asarray(pred_shape, dtype=np.float64)[:, None] - 0.5
+    over = np.maximum(np.maximum(-0.5 - idx, idx - upper), 0.0) * _spacing(pred)[:, None]
+    return float(np.sqrt((over ** 2).sum(0)).max())
+
+
+def _differences(pred: np.ndarray, pred_shape: Sequence[int], label: np.ndarray, label_shape: Sequence[int]) -> str:
+    """What differs between a prediction's grid and a label's, in words (mm, RAS)."""
+    fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+    parts = []
+    codes = "".join(nib.aff2axcodes(pred)), "".join(nib.aff2axcodes(label))
+    if codes[0] != codes[1]:
+        parts.append(f"orientation {codes[0]} vs {codes[1]}")
+    sp, sl = _spacing(pred), _spacing(label)
+    if not np.allclose(sp, sl, rtol=AXIS_TOL, atol=0):
+        parts.append(f"spacing {fmt(sp)} vs {fmt(sl)} mm")
+    shift = pred[:3, 3] - label[:3, 3]
+    if np.abs(shift).max() > ORIGIN_TOL_MM:
+        parts.append(f"origin differs by {fmt(np.round(shift, 3) + 0.0)} mm")
+    if tuple(pred_shape) != tuple(label_shape):
+        parts.append(f"shape {tuple(pred_shape)} vs {tuple(label_shape)}")
+    return ", ".join(parts) or "directions differ"
+
+
+def on_label_grid(pred: MetaTensor, label: MetaTensor, pred_file: str | Path,
+                  label_file: str | Path) -> tuple[MetaTensor, bool]:
+    """``pred`` (C, X, Y, Z) on ``label``'s grid (C', X', Y', Z'), and whether it had to be resampled.
+
+    Grids that agree (:func:`grids_agree`) are returned as they are; otherwise the prediction is resampled by the
+    two affines with nearest neighbour (an axis flip or permutation maps voxel for voxel). Raises DataError naming
+    both files when some label voxel centre lies outside the prediction's voxels (another field of view).
+    """
+    pa, la = _affine(pred), _affine(label)
+    p_shape, l_shape = tuple(pred.shape[1:]), tuple(label.shape[1:])
+    if grids_agree(pa, p_shape, la, l_shape):
+        return pred, False
+    outside = _uncovered_mm(pa, p_shape, la, l_shape)
+    if outside > ORIGIN_TOL_MM:
+        raise DataError(pred_file, f"does not cover the field of view of {label_file} "
+                                   f"({_differences(pa, p_shape, la, l_shape)}; label voxels lie up to "
+                                   f"{outside:.1f} mm outside it), so it cannot be resampled onto the label's grid")
+    # "border": a label centre within half a voxel of the prediction's edge takes the edge voxel (still nearest).
+    out = ResampleToMatch(mode="nearest", padding_mode="border")(pred.float(), label)
+    if not grids_agree(_affine(out), out.shape[1:], la, l_shape):
+        raise RuntimeError(f"{pred_file}: resampling left it off the grid of {label_file}; not scoring it")
+    return out, True
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+def _case_entry(item: dict, scored: Sequence[str], metrics: dict[str, list], spacing: Sequence[float],
+                **extra) -> dict:
+    return {"case": case_id(item), "image": str(item["image"]), **extra,
+            "spacing_mm": [round(float(v), 4) for v in spacing],
+            **{k: {c: _clean(v) for c, v in zip(scored, vals)} for k, vals in metrics.items()}}
+
+
+def _report(head: dict, scored: Sequence[str], cases: list[dict], hd95: bool, out: str | Path) -> dict:
+    """Means per class and overall next to the cases; metrics.json, metrics.md and metrics.png written."""
+    metric_names = ["dice", "nsd"] + (["hd95"] if hd95 else [])
+    mean = {k: {c: _nanmean([case[k][c] for case in cases]) for c in scored} for k in metric_names}
+    for k in metric_names:
+        mean[f"mean_{k}"] = _nanmean(list(mean[k].values()))
+    result = {**head, "absent_class_rule": ABSENT_RULE, **({"hd95_rule": HD95_RULE} if hd95 else {}),
+              "cases": cases, "mean": mean}
+    out = write_json(out, result)
+    write_table([result], out.with_suffix(".md"))
+    plot_bars([result], out.with_suffix(".png"))
+    return result
+
+
 def evaluate(
     checkpoint: str | Path,
     data: str | Path | list,
@@ -87,7 +186,8 @@ def evaluate(
 
     label_map: ``{src: dst}`` for this test set's labels (e.g. TotalSegmentator → BTCV), replacing the
     checkpoint's own ``data.label_map``. grid: ``label`` scores on each ground truth's own grid (predictions are
-    inverted onto it, as nnU-Net evaluates); ``resampled`` scores on the training spacing (faster, approximate).
+    inverted onto the image's grid, as nnU-Net evaluates, then resampled by nearest neighbour onto the label's
+    where the two files' affines differ); ``resampled`` scores on the training spacing (faster, approximate).
     """
     if grid not in GRIDS:
         raise SubforeError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
@@ -102,7 +202,9 @@ def evaluate(
     if cfg.data.regions == "brats":  # this data's own label ids decide its regions; else the training data's
         found = convention_of(data if isinstance(data, list) else [str(data)])
         cfg.data.brats_labels = found[0] if found else cfg.data.brats_labels
-    transform = eval_transforms(cfg, preset)
+    # On the label's grid the label is read untouched, not through the image's chain (whose shape check would refuse
+    # a label stored transposed).
+    transform = eval_transforms(cfg, preset, with_label=grid == "resampled")
     if grid == "label":
         invert = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True)
         d = cfg.data
@@ -114,36 +216,160 @@ def evaluate(
     cases = []
     for item in items:
         d = load_item(transform, item)
-        image, label = torch.as_tensor(d["image"])[None].float(), torch.as_tensor(d["label"])[None]
+        image = torch.as_tensor(d["image"])[None].float()
         pred = predict_volume(net, image, roi, overlap if overlap is not None else cfg.finetune.sw_overlap,
                               sw_batch_size or cfg.finetune.sw_batch_size, cfg.sigmoid, precision).cpu()
-        spacing = preset.array_spacing  # the preprocessed array's axes (nnU-Net's order under its preset)
-        if grid == "label":
-            # The prediction goes back through the image's recorded orientation and resampling; the label is read
-            # untouched, so every voxel of the ground truth is scored once, at its own size.
+        if grid == "resampled":
+            label, resampled = torch.as_tensor(d["label"])[None], False
+            spacing = preset.array_spacing  # the preprocessed array's axes (nnU-Net's order under its preset)
+        else:
+            # The prediction goes back through the image's recorded orientation and resampling onto the image's
+            # grid; the label is read untouched, so every voxel of the ground truth is scored once, at its own size.
+            # A label file stored on another grid than its image (flipped, permuted, other spacing) is reached
+            # through the two affines, never by comparing arrays index for index.
             img = d["image"]
             d["pred"] = MetaTensor(pred[0].float(), meta=img.meta, applied_operations=img.applied_operations)
-            pred = torch.as_tensor(invert(d)["pred"])[None].round().to(torch.uint8 if cfg.sigmoid else torch.long)
             own = load_item(raw_label, {"label": item["label"]})["label"]
+            on_image, resampled = on_label_grid(invert(d)["pred"], own, as_list(item["image"])[0], item["label"])
+            pred = torch.as_tensor(on_image)[None].round().to(torch.uint8 if cfg.sigmoid else torch.long)
             label = torch.as_tensor(own)[None]
-            spacing = tuple(float(v) for v in np.sqrt((np.asarray(own.affine)[:3, :3] ** 2).sum(0)))
-            if pred.shape[2:] != label.shape[2:]:
-                raise DataError(item["label"], f"label grid {tuple(label.shape[2:])} differs from its image's "
-                                               f"{tuple(pred.shape[2:])}; score with --grid resampled")
+            spacing = tuple(float(v) for v in _spacing(_affine(own)))
         m = case_metrics(pred, label, cfg.model.out_channels, spacing, tolerance_mm, hd95, cfg.sigmoid)
-        cases.append({"case": case_id(item), "image": str(item["image"]), "spacing_mm": [round(v, 4) for v in spacing],
-                      **{k: {c: _clean(v) for c, v in zip(scored, vals)} for k, vals in m.items()}})
-    metric_names = ["dice", "nsd"] + (["hd95"] if hd95 else [])
-    mean = {k: {c: _nanmean([case[k][c] for case in cases]) for c in scored} for k in metric_names}
-    for k in metric_names:
-        mean[f"mean_{k}"] = _nanmean(list(mean[k].values()))
-    result = {
-        "checkpoint": str(checkpoint), "method": method or Path(cfg.run_dir).name, "split": split,
-        "classes": scored, "nsd_tolerance_mm": tolerance_mm, "grid": grid,
-        "spacing_mm": list(preset.array_spacing) if grid == "resampled" else "each label's own",
-        "absent_class_rule": ABSENT_RULE, **({"hd95_rule": HD95_RULE} if hd95 else {}), "cases": cases, "mean": mean,
-    }
-    out = write_json(out, result)
-    write_table([result], out.with_suffix(".md"))
-    plot_bars([result], out.with_suffix(".png"))
-    return result
+        cases.append(_case_entry(item, scored, m, spacing, resampled=resampled))
+    head = {"checkpoint": str(checkpoint), "method": method or Path(cfg.run_dir).name, "split": split,
+            "classes": scored, "nsd_tolerance_mm": tolerance_mm, "grid": grid,
+            "spacing_mm": list(preset.array_spacing) if grid == "resampled" else "each label's own"}
+    return _report(head, scored, cases, hd95, out)
+
+
+# --- any tool's label files ---------------------------------------------------------------------------------
+def _stem(name: str) -> str | None:
+    """A label file's name without its image suffix; None for a file MONAI would not read as an image."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def find_prediction(folder: str | Path, case: str) -> Path:
+    """The one label file for ``case`` in ``folder``: ``CASE`` or ``CASE_seg`` with any suffix MONAI reads.
+
+    Raises DataError naming the case and the folder when there is none or more than one.
+    """
+    folder = Path(folder)
+    found = sorted(p for p in folder.iterdir() if p.is_file() and _stem(p.name) in (case, f"{case}_seg"))
+    if not found:
+        raise DataError(folder, f"holds no prediction for case {case!r} (looked for {case}.nii.gz, "
+                                f"{case}_seg.nii.gz and the other suffixes {', '.join(IMAGE_SUFFIXES[1:])})")
+    if len(found) > 1:
+        raise DataError(folder, f"holds {len(found)} predictions for case {case!r} "
+                                f"({', '.join(p.name for p in found)}); keep one")
+    return found[0]
+
+
+def _dataset_names(data: str | Path | list) -> dict[int, str]:
+    """{id: name} from the datalist sources' dataset.json ``labels`` ({} when none names them)."""
+    found: dict[int, str] = {}
+    where = None
+    for src in as_list(data if isinstance(data, list) else str(data)):
+        path = dataset_json(src)
+        if path is None:
+            continue
+        try:
+            names = label_names(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, AttributeError, ValueError):
+            continue
+        if names and found and names != found:
+            raise DataError(path, f"names other labels than {where}; score one dataset at a time")
+        if names:
+            found, where = names, path
+    return found
+
+
+def _classes(names: dict[int, str], label_map: dict[int, int] | None) -> tuple[int | None, dict[int, str]]:
+    """The number of classes the ground truth declares (None: read from the files) and a name per class id."""
+    if label_map:
+        merged: dict[int, list[str]] = {}
+        for src, dst in sorted(label_map.items()):
+            if dst and src in names:
+                merged.setdefault(dst, []).append(names[src])
+        return max(label_map.values()) + 1, {d: "+".join(n) for d, n in merged.items()}
+    named = [i for i in names if i > 0]
+    return (max(named) + 1 if named else None), names
+
+
+def _read_labels(loader: LoadImage, path: str | Path, mapping: dict[int, int] | None) -> MetaTensor:
+    """A label file as (1, X, Y, Z) float ids (through ``{src: dst}`` where given), its affine in RAS mm."""
+    t = loader(str(path))
+    if t.ndim != 4 or t.shape[0] != 1:
+        raise DataError(path, f"has shape {tuple(t.shape[1:]) if t.ndim == 4 else tuple(t.shape)} with "
+                              f"{t.shape[0] if t.ndim == 4 else '?'} channels; expected one 3-D label map")
+    values = torch.unique(t.as_tensor())
+    bad = values[(values < 0) | (values != values.round())]
+    if len(bad):
+        raise DataError(path, f"holds values {[round(float(v), 4) for v in bad[:4]]} that are not label ids "
+                              f"(integers ≥ 0)")
+    return RemapLabels(mapping)(t) if mapping else t
+
+
+def evaluate_predictions(
+    predictions: str | Path,
+    data: str | Path | list,
+    out: str | Path,
+    split: str = "validation",
+    tolerance_mm: float = 2.0,
+    hd95: bool = False,
+    method: str | None = None,
+    label_map: dict[int, int] | None = None,
+    prediction_label_map: dict[int, int] | None = None,
+) -> dict:
+    """Score label files written by any tool (nnU-Net, TotalSegmentator, ``subfore predict``) on a labelled datalist.
+
+    predictions: a folder of ``CASE.nii.gz`` or ``CASE_seg.nii.gz`` (or .nii, .nrrd, .mha, …), matched to the
+    datalist's cases by name. label_map / prediction_label_map: ``{src: dst}`` for the ground truth / for the
+    predictions (unlisted ids → background). The classes are the dataset.json ``labels`` (through ``label_map``),
+    or ids 1…max over all files. Each prediction is compared on its label's grid (:func:`on_label_grid`); the
+    rules and outputs are those of :func:`evaluate`.
+    """
+    folder = Path(predictions)
+    if not folder.is_dir():
+        raise DataError(folder, "no such folder of predictions")
+    label_map = {int(k): int(v) for k, v in label_map.items()} if label_map else None
+    prediction_label_map = {int(k): int(v) for k, v in prediction_label_map.items()} if prediction_label_map else None
+    items = load_datalists(data, split)
+    unlabeled = [i["image"] for i in items if "label" not in i]
+    if unlabeled:
+        raise DataError(unlabeled[0], f"has no label in split '{split}': evaluate needs labels")
+    ids = [case_id(i) for i in items]
+    twice = sorted({c for c in ids if ids.count(c) > 1})
+    if twice:
+        raise DataError(folder, f"the datalist names case {twice[0]!r} more than once; predictions are matched by name")
+    files = [find_prediction(folder, c) for c in ids]  # every case found before any is scored
+    declared, names = _classes(_dataset_names(data), label_map)
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    scores, top = [], 0
+    for item, file in zip(items, files):
+        label = _read_labels(load, item["label"], label_map)
+        pred = _read_labels(load, file, prediction_label_map)
+        for t, path, option in ((label, item["label"], "--label-map"), (pred, file, "--prediction-label-map")):
+            beyond = [int(v) for v in torch.unique(t.as_tensor()) if declared is not None and v >= declared]
+            if beyond:
+                raise DataError(path, f"label ids {beyond[:8]} are not among the dataset's classes 0…{declared - 1} "
+                                      f"(dataset.json labels or --label-map); map them with {option}")
+        pred, resampled = on_label_grid(pred, label, file, item["label"])
+        spacing = tuple(float(v) for v in _spacing(_affine(label)))
+        n = max(2, int(max(pred.max(), label.max())) + 1)
+        p, y = torch.as_tensor(pred)[None].round().long(), torch.as_tensor(label)[None].round().long()
+        scores.append((item, file, resampled, spacing, case_metrics(p, y, n, spacing, tolerance_mm, hd95)))
+        top = max(top, n)
+    n_classes = declared or top
+    scored = [names.get(i, f"class_{i}") for i in range(1, n_classes)]
+    cases = []
+    for item, file, resampled, spacing, m in scores:
+        # A class above a case's own highest id is in neither file: every metric of it is null (the absent rule).
+        padded = {k: v + [float("nan")] * (n_classes - 1 - len(v)) for k, v in m.items()}
+        cases.append(_case_entry(item, scored, padded, spacing, prediction=str(file.resolve()), resampled=resampled))
+    head = {"checkpoint": None, "predictions": str(folder), "method": method or folder.resolve().name,
+            "split": split, "classes": scored, "nsd_tolerance_mm": tolerance_mm, "grid": "label",
+            "spacing_mm": "each label's own"}
+    return _report(head, scored, cases, hd95, out)

@@ -19,7 +19,7 @@ from .data.datalist import case_id, load_datalists
 from .data.dataset import load_item
 from .data.transforms import preprocess
 from .errors import SubforeError
-from .io import save_figure, write_with
+from .io import load_torch, save_figure, write_with
 from .models.registry import build_backbone
 from .visualize import mid_planes
 
@@ -47,12 +47,7 @@ def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: floa
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[FinetuneConfig, torch.nn.Module]:
     """Rebuild the network and its config from a ``subfore finetune`` checkpoint."""
     path = Path(path)
-    if not path.exists():
-        raise SubforeError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise SubforeError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    ckpt = load_torch(path, "checkpoint")  # weights_only: a checkpoint from elsewhere runs no code
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if hp.get("kind") != "subfore-finetune":
         raise SubforeError(f"{path}: not a 'subfore finetune' checkpoint (a pretraining checkpoint or encoder.pt "

@@ -1,13 +1,17 @@
 """Files a run writes: every write goes to a temporary file first and is renamed into place, so a reader (or a
 resumed run) never sees a half-written file; plus the metrics.jsonl append/truncate pair.
 
-Imports nothing of subfore's beyond errors; torch and matplotlib load only when their writer is called.
+Reading weights lives here too: :func:`load_torch` never runs code from a pickle (``weights_only=True``), and
+safetensors files are read and written with their string metadata.
+
+Imports nothing of subfore's beyond errors; torch, safetensors and matplotlib load only when called.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -71,6 +75,59 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     import torch
 
     return write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors, numbers, strings, lists and dicts only.
+
+    A file whose pickle asks for anything else (a class, ``os.system``) is refused in one line naming the file and
+    the global, before any of it runs; an unreadable file likewise.
+    """
+    import pickle
+
+    import torch
+
+    from .errors import SubforeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SubforeError(f"{path}: no such {what}" + (" (a folder; give a file)" if path.is_dir() else ""))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        asked = f"the global {found.group(1)}" if found else "an object that is not a tensor or plain data"
+        raise SubforeError(
+            f"{path}: refused, its pickle asks for {asked}, which could run code; subfore loads only tensors, "
+            f"numbers, strings, lists and dicts (weights_only=True). If you trust the file, re-save its weights as a "
+            f"plain state_dict (torch.save(model.state_dict(), 'weights.pt')) or as safetensors") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign files fail in many ways
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise SubforeError(f"{path}: not a readable PyTorch {what} ({type(exc).__name__}: {first})") from None
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors on the CPU, the header's string metadata) of a ``.safetensors`` file; unreadable → one line."""
+    from safetensors import safe_open
+
+    from .errors import SubforeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SubforeError(f"{path}: no such safetensors file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    except Exception as exc:  # noqa: BLE001
+        raise SubforeError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (each its own contiguous storage) as safetensors atomically, with string metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def save_figure(fig, path: str | Path, **kwargs) -> Path:

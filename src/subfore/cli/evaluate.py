@@ -13,7 +13,11 @@ from .app import _device, _label_map, _roi, app
 
 @app.command()
 def evaluate(
-    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="'subfore finetune' checkpoint(s); several → one table row each"),
+    checkpoint: Optional[List[Path]] = typer.Option(None, "--checkpoint", help="'subfore finetune' checkpoint(s); "
+                                                    "several → one table row each"),
+    predictions: Optional[List[Path]] = typer.Option(None, "--predictions", help="folder(s) of label files written by "
+                                                     "any tool (CASE.nii.gz or CASE_seg.nii.gz), instead of "
+                                                     "--checkpoint; several → one table row each"),
     data: List[str] = typer.Option(..., "--data", help="labelled datalist (dataset.json, nnU-Net folder, ...)"),
     out: Path = typer.Option(Path("metrics.json"), "--out"),
     split: str = typer.Option("validation", "--split"),
@@ -21,34 +25,70 @@ def evaluate(
     hd95: bool = typer.Option(False, "--hd95", help="also report the 95th-percentile Hausdorff distance (mm); a "
                               "missed or spurious class scores the image diagonal"),
     grid: str = typer.Option("label", "--grid", help="label: score on each ground truth's own grid (as nnU-Net); "
-                             "resampled: on the training spacing (faster, approximate)"),
+                             "resampled: on the training spacing (faster, approximate; --checkpoint only)"),
     roi: Optional[str] = typer.Option(None, "--roi", help="sliding-window size, e.g. 96,96,96"),
     overlap: Optional[float] = typer.Option(None, "--overlap"),
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
     label_map: Optional[str] = typer.Option(None, "--label-map", help="YAML/JSON {src: dst} for this data's labels"),
-    method: Optional[List[str]] = typer.Option(None, "--method", help="row name per checkpoint (default: run dir name)"),
+    prediction_label_map: Optional[str] = typer.Option(None, "--prediction-label-map", help="YAML/JSON {src: dst} "
+                                                       "for the --predictions files' ids (default: as written)"),
+    method: Optional[List[str]] = typer.Option(None, "--method", help="row name per checkpoint or predictions "
+                                               "folder (default: run dir or folder name)"),
 ) -> None:
     """Per-case and mean Dice and NSD per class; metrics.json, a Markdown table and a bar chart."""
-    from ..api import evaluate as run
-    from ..report import plot_bars, write_table
-
+    checkpoints, folders = list(checkpoint or []), list(predictions or [])
+    if checkpoints and folders:
+        raise SubforeError("--checkpoint and --predictions exclude each other: score a network or label files")
+    if not checkpoints and not folders:
+        raise SubforeError("give --checkpoint (a finetuned network) or --predictions (a folder of label files)")
+    if folders:
+        network_only = {"--grid": grid != "label", "--roi": roi is not None, "--overlap": overlap is not None,
+                        "--sw-batch-size": sw_batch_size is not None}
+        given = [k for k, v in network_only.items() if v]
+        if given:
+            raise SubforeError(f"{given[0]} applies to --checkpoint only; --predictions are scored on each label's "
+                               f"own grid")
+    elif prediction_label_map:
+        raise SubforeError("--prediction-label-map applies to --predictions only; a checkpoint predicts its own "
+                           "training ids")
     mapping = _label_map(label_map)
+    try:
+        pred_mapping = _label_map(prediction_label_map)
+    except SubforeError as exc:  # the parser names --label-map
+        raise SubforeError(str(exc).replace("--label-map", "--prediction-label-map")) from None
+    sources = checkpoints or folders
     methods = list(method or [])
-    if methods and len(methods) != len(checkpoint):
-        raise SubforeError(f"--method given {len(methods)} times for {len(checkpoint)} checkpoints")
+    if methods and len(methods) != len(sources):
+        what = "checkpoints" if checkpoints else "predictions folders"
+        raise SubforeError(f"--method given {len(methods)} times for {len(sources)} {what}")
     results = []
-    for i, ckpt in enumerate(checkpoint):
-        # One checkpoint writes OUT itself; several write OUT.<method>.json each and a shared table.
-        target = out if len(checkpoint) == 1 else out.with_name(f"{out.stem}.{i}{out.suffix}")
-        result = run(ckpt, list(data), target, split, tolerance, hd95, _roi(roi), overlap, sw_batch_size,
-                     _device(device), precision, methods[i] if methods else None, mapping, grid)
+    for i, source in enumerate(sources):
+        # One source writes OUT itself; several write OUT.<i>.json each and a shared table.
+        target = out if len(sources) == 1 else out.with_name(f"{out.stem}.{i}{out.suffix}")
+        name = methods[i] if methods else None
+        if checkpoints:
+            from ..api import evaluate as run
+
+            result = run(source, list(data), target, split, tolerance, hd95, _roi(roi), overlap, sw_batch_size,
+                         _device(device), precision, name, mapping, grid)
+        else:
+            from ..api import evaluate_predictions
+
+            result = evaluate_predictions(source, list(data), target, split, tolerance, hd95, name, mapping,
+                                          pred_mapping)
         results.append(result)
         m = result["mean"]
         typer.echo(f"{result['method']}: {len(result['cases'])} cases, mean Dice {m['mean_dice']}, "
                    f"mean NSD {m['mean_nsd']} → {target}")
+        moved = [c["case"] for c in result["cases"] if c.get("resampled")]
+        if moved:
+            typer.echo(f"  {len(moved)} prediction(s) resampled onto their label's grid (nearest neighbour; the "
+                       f"files' affines differ): {', '.join(moved[:5])}{' …' if len(moved) > 5 else ''}")
     if len(results) > 1:
+        from ..report import plot_bars, write_table
+
         write_table(results, out.with_suffix(".md"))
         plot_bars(results, out.with_suffix(".png"))
         typer.echo(f"table of {len(results)} methods → {out.with_suffix('.md')}")

@@ -24,6 +24,9 @@ def pretrain(
     resume: bool = RESUME,
     resume_from: Optional[Path] = RESUME_FROM,
     resume_if_exists: bool = RESUME_IF_EXISTS,
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="start from these weights (step 0, fresh optimiser): a subfore run or model "
+        "folder, an nnssl checkpoint (e.g. OpenMind ResEnc-L), nnU-Net or other weights; ignored when resuming"),
 ) -> None:
     """Pretrain a backbone by masked image modelling (SubFore and friends).
 
@@ -32,7 +35,7 @@ def pretrain(
     STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
     from ..api import load_config, pretrain as run
 
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, (set_ or []) + ([f"init_from={init_from}"] if init_from else []))
     encoder = run(cfg, resume=_resume(resume, resume_from, resume_if_exists))
     typer.echo(f"done: {encoder}")
 
@@ -41,7 +44,8 @@ def pretrain(
 def finetune(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/finetune/)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set train.max_steps=500"),
-    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="RUN_DIR/encoder.pt or any checkpoint"),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="RUN_DIR/encoder.pt (or .safetensors), a "
+                                              "model folder, an nnssl or nnU-Net checkpoint, any state_dict"),
     resume: bool = RESUME,
     resume_from: Optional[Path] = RESUME_FROM,
     resume_if_exists: bool = RESUME_IF_EXISTS,

@@ -71,7 +71,7 @@ class BratsRegionsd(MapTransform):
         return d
 
 
-def _label_names(meta: dict) -> dict[int, str]:
+def label_names(meta: dict) -> dict[int, str]:
     """dataset.json ``labels`` as {id: lower-case name}: MSD writes {"1": "edema"}, nnU-Net v2 {"edema": 1}."""
     labels = meta.get("labels") or {}
     out = {}
@@ -127,7 +127,7 @@ def convention_of(sources: str | list[str], lenient: bool = False) -> tuple[str,
         if path is None:
             continue
         try:
-            names = _label_names(json.loads(path.read_text()))
+            names = label_names(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError, AttributeError, ValueError):
             continue
         conv = convention_from_names(names)

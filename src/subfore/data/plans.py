@@ -50,8 +50,12 @@ def plans_configuration(plans: dict, name: str, source: str | Path = "plans") ->
 def preset_from_plans(path: str | Path, configuration: str = "3d_fullres", channels: int = 1) -> Preset:
     """The ``nnunet`` Preset: the configuration's spacing, its normalisation per channel, nnU-Net's axis order."""
     plans = read_plans(path)
-    conf = plans_configuration(plans, configuration, path)
-    spacing = [float(s) for s in conf.get("spacing", [])]
+    return preset_from_plan(plans, plans_configuration(plans, configuration, path), path, configuration, channels)
+
+
+def preset_from_plan(plans: dict, conf: dict, path: str | Path, configuration: str, channels: int = 1) -> Preset:
+    """The ``nnunet`` Preset of one resolved configuration of ``plans`` (an nnU-Net or nnssl plan as a dict)."""
+    spacing = [float(s) for s in conf.get("spacing") or []]
     if len(spacing) != 3:
         raise ConfigError(f"{path}: configuration '{configuration}' is not 3D (spacing {spacing})")
     forward = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..dist import launched_layout, slurm_job
 from ..errors import SubforeError
-from ..io import append_jsonl, truncate_jsonl
+from ..io import append_jsonl, load_torch, truncate_jsonl
 from ..preempt import STOP, Preempted, StopRequest
 from .module import RunModule, module_digest
 
@@ -44,7 +44,7 @@ class RunControl(Callback):
         """``trainer.fit`` with the preemption signals noted (the CLI takes them earlier); raises Preempted."""
         installed = self.stop.install()
         try:
-            trainer.fit(module, **fit_kwargs)
+            trainer.fit(module, weights_only=True, **fit_kwargs)
         finally:
             if installed:
                 self.stop.restore()
@@ -134,6 +134,9 @@ def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | Non
     path = last if str(resume) == "last" else Path(resume)
     if not path.exists():
         raise SubforeError(f"{path}: no checkpoint to resume from")
+    # Read once here, weights_only, so that a file from elsewhere is refused in one line before Lightning opens it
+    # (which fit() also does with weights_only=True).
+    load_torch(path, "checkpoint to resume from")
     return path
 
 

@@ -41,6 +41,12 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     items, val_items = finetune_cases(cfg)
     model = SegmentationModel(cfg, backbone)
     pretrained = pretrained or cfg.finetune.pretrained
+    # Before the Trainer starts anything: weights that do not fit (or would run code) are refused first. Resuming,
+    # the checkpoint's weights supersede them.
+    report = None
+    if pretrained and ckpt_path is None:
+        report = load_pretrained(model.net, pretrained, cfg.model.name, cfg.finetune.adapt_in_channels,
+                                 cfg.finetune.min_encoder_loaded)
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [
@@ -53,12 +59,9 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     control = RunControl(run_dir)
     trainer = make_trainer(run_dir, t, callbacks + [control], validate=val_items is not None)
     train, val = loaders(cfg, preset, items, val_items, trainer)
-    if pretrained and ckpt_path is None:
-        report = load_pretrained(model.net, pretrained, cfg.model.name, cfg.finetune.adapt_in_channels,
-                                 cfg.finetune.min_encoder_loaded)
-        if trainer.is_global_zero:
-            print(report)
-            write_text(run_dir / "pretrained_load.txt", str(report) + "\n")
+    if report is not None and trainer.is_global_zero:
+        print(report)
+        write_text(run_dir / "pretrained_load.txt", str(report) + "\n")
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")

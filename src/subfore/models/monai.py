@@ -29,20 +29,41 @@ def check_multiple_of_16(name: str):
     return check
 
 
+def swinunetr_args(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> dict:
+    return dict(in_channels=in_channels, out_channels=out_channels, feature_size=m.feature_size, use_v2=m.use_v2,
+                use_checkpoint=m.checkpointing, drop_rate=m.dropout, spatial_dims=3)
+
+
+def unetr_args(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> dict:
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    return dict(in_channels=in_channels, out_channels=out_channels, img_size=tuple(roi), feature_size=m.feature_size,
+                hidden_size=m.hidden_size, mlp_dim=m.mlp_dim, num_heads=m.num_heads, dropout_rate=m.dropout,
+                spatial_dims=3)
+
+
+def basicunet_args(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> dict:
+    f = m.feature_size
+    return dict(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                features=(f, f, 2 * f, 4 * f, 8 * f, f), dropout=m.dropout)
+
+
+#: model.name → (MONAI class, its constructor arguments for a model section): the builders below, and what a
+#: model folder's config.json tells users to construct
+CONSTRUCTORS = {
+    "swinunetr": (SwinUNETR, swinunetr_args),
+    "unetr": (UNETR, unetr_args),
+    "basicunet": (BasicUNet, basicunet_args),
+}
+
+
 def swinunetr(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
-    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=m.feature_size,
-                     use_v2=m.use_v2, use_checkpoint=m.checkpointing, drop_rate=m.dropout, spatial_dims=3)
+    return SwinUNETR(**swinunetr_args(m, in_channels, out_channels, roi))
 
 
 def unetr(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
-    return UNETR(in_channels=in_channels, out_channels=out_channels, img_size=tuple(roi), feature_size=m.feature_size,
-                 hidden_size=m.hidden_size, mlp_dim=m.mlp_dim, num_heads=m.num_heads, dropout_rate=m.dropout,
-                 spatial_dims=3)
+    return UNETR(**unetr_args(m, in_channels, out_channels, roi))
 
 
 def basicunet(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
-    f = m.feature_size
-    return BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
-                     features=(f, f, 2 * f, 4 * f, 8 * f, f), dropout=m.dropout)
+    return BasicUNet(**basicunet_args(m, in_channels, out_channels, roi))

@@ -129,8 +129,9 @@ def resolve_backbone(model) -> Backbone:
     spec = backbone_spec(model.name)
     if not spec.nnunet:
         return Backbone(spec, model)
-    arch = nnunet_nets.architecture(model.name, model.nnunet_plans, model.nnunet_configuration)
-    plan = nnunet_nets.plan_record(model.name, model.nnunet_plans, model.nnunet_configuration)
+    inline = getattr(model, "nnunet_architecture", None)
+    arch = nnunet_nets.architecture(model.name, model.nnunet_plans, model.nnunet_configuration, inline)
+    plan = nnunet_nets.plan_record(model.name, model.nnunet_plans, model.nnunet_configuration, inline)
     return Backbone(spec, model, arch, plan)
 
 

@@ -1,7 +1,8 @@
 """Loading pretrained weights into a segmentation network, from the checkpoint layouts users already have.
 
-Accepted: a raw state_dict, ``{"state_dict": …}`` (Lightning; keys ``net.``/``model.``), ``{"model": …}``,
-keys prefixed ``module.``; for SwinUNETR also ``swin_vit.``/``swinViT.`` keys of research-contributions'
+Accepted (read by :func:`subfore.models.artifact.read_weights`, never running pickled code): a raw state_dict,
+``{"state_dict": …}`` (Lightning; keys ``net.``/``model.``), ``{"model": …}``, keys prefixed ``module.``, safetensors
+files, subfore runs and model folders, nnssl checkpoints and nnU-Net ``network_weights`` files; for SwinUNETR also ``swin_vit.``/``swinViT.`` keys of research-contributions'
 ``SSLHead`` and the released self-supervised ``model_swinvit.pt`` (``module.patch_embed…``,
 ``module.layers1.0.blocks…``, ``mlp.fc1``/``fc2``), the layout ``SwinUNETR.load_from`` reads. A 1-channel first
 layer can be adapted to C input channels (``repeat`` scaled by 1/C, or ``reinit``).
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import SubforeError
-from .artifact import read_encoder_meta
+from .artifact import WeightsFile, read_weights
 from .registry import backbone_spec
 
 
@@ -62,29 +63,8 @@ class LoadReport:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file in any of the accepted layouts, with keys normalised."""
-    path = Path(path)
-    if not path.exists():
-        raise SubforeError(f"{path}: no such pretrained checkpoint")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - corrupt or foreign files fail in many ways
-        raise SubforeError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
-    for key in ("state_dict", "model", "module", "network_weights"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SubforeError(f"{path}: holds no state_dict of tensors")
-    out = {}
-    for k, v in obj.items():
-        for prefix in ("module.", "net.", "model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        if k.startswith("teacher."):
-            continue
-        out[k.replace("swin_vit.", "swinViT.")] = v
-    return out
+    """The tensors of a weights file in any of the accepted layouts, with keys normalised (no pickle code runs)."""
+    return read_weights(path).state
 
 
 # The released SwinUNETR self-supervised weights (model_swinvit.pt) name the Swin encoder without its
@@ -117,29 +97,39 @@ def _adapt(src: torch.Tensor, dst: torch.Tensor, mode: str) -> torch.Tensor | No
     return repeat_stem(src, dst.shape[1])
 
 
-def check_family(path: str | Path, family: str) -> None:
-    """A pretraining's encoder.pt is read with its encoder.json: refuse, in one line, weights of another backbone."""
-    path = Path(path)
-    if path.name == "encoder.pt" and path.with_name("encoder.json").is_file():
-        meta = read_encoder_meta(path)
-        if meta.name != family:
-            raise SubforeError(f"{path}: a {meta.name} pretraining (its encoder.json), but this network is a {family}; "
-                               f"set model.name: {meta.name} (and its sizes) or give weights of a {family}")
+def check_family(found: WeightsFile, family: str) -> None:
+    """Refuse, in one line, weights whose own metadata names another backbone family."""
+    if found.family is not None and found.family != family:
+        raise SubforeError(f"{found.path}: a {found.family} pretraining ({found.kind}), but this network is a "
+                           f"{family}; set model.name: {found.family} (and its sizes) or give weights of a {family}")
+
+
+def check_architecture(found: WeightsFile, target: dict[str, torch.Tensor], keys: list[str]) -> None:
+    """nnssl and nnU-Net files carry a whole architecture: every one of ``keys`` must be there with the same shape."""
+    for key in keys:
+        src = found.state.get(key)
+        if src is None or src.shape != target[key].shape:
+            have = "absent" if src is None else str(list(src.shape))
+            raise SubforeError(f"{found.describe()}: its architecture differs from this network's (model.name and "
+                               f"plans): first difference {key}: {have} in the file, {list(target[key].shape)} here")
 
 
 def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_channels: str = "repeat",
-                    min_encoder: float = 0.9) -> LoadReport:
-    """Load ``path`` into ``net`` (family ``swinunetr``/``unetr``/``basicunet``) non-strictly and report.
+                    min_encoder: float = 0.9, head: bool = False) -> LoadReport:
+    """Load ``path`` into ``net`` (a network of backbone ``family``) non-strictly and report.
 
     Refuses (one line) when less than ``min_encoder`` of the encoder's tensors load (v2-only SwinUNETR blocks
-    missing from a v1 pretraining do not count against it), or when a tensor fits no shape.
+    missing from a v1 pretraining do not count against it), when a tensor fits no shape, or, for nnssl and nnU-Net
+    files, when any encoder tensor differs. head: also load the output layer where its shape fits (continuing a
+    pretraining: the same reconstruction task); a finetuning never loads it.
     """
     if adapt_in_channels not in ("repeat", "reinit"):
         raise SubforeError(f"finetune.adapt_in_channels must be 'repeat' or 'reinit', got {adapt_in_channels!r}")
-    check_family(path, family)
-    source = read_state_dict(path)
+    found = read_weights(path)
+    check_family(found, family)
+    source = found.state
     target = net.state_dict()
-    report = LoadReport(source=str(path))
+    report = LoadReport(source=found.describe())
     if family == "swinunetr":
         renamed = {}
         for k, v in source.items():
@@ -148,10 +138,10 @@ def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_chan
             report.renamed += new is not None and new in target
         source = renamed
     spec = backbone_spec(family)
-    head = spec.head
     usable = {}
+    out_layer = spec.head
     for k, v in source.items():
-        if k.startswith(head):
+        if k.startswith(out_layer) and not (head and k in target and v.shape == target[k].shape):
             report.head.append(k)  # a reconstruction (or HPM loss) output is no segmentation head, whatever its shape
         elif k not in target:
             report.unexpected.append(k)
@@ -164,6 +154,8 @@ def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_chan
             report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}")
     enc = spec.encoder
     encoder_keys = spec.encoder_keys(target)
+    if found.kind in ("nnssl checkpoint", "nnU-Net weights"):
+        check_architecture(found, target, encoder_keys)
     if family == "swinunetr" and not any(_V2_BLOCK.match(k) for k in source):
         report.expected_missing = sorted(k for k in encoder_keys if _V2_BLOCK.match(k))
     report.encoder_total = len(encoder_keys) - len(report.expected_missing)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import __version__
 from ..config import PretrainConfig
 from ..engine.module import RunModule, gather_scalars, reduce_sum, tensor_digest, warmup_cosine
 from ..engine.sampling import mix_seed
@@ -16,6 +17,7 @@ from ..masking import EmptyMaskCounter, Window, apply_mask, foreground_grid, fro
 from ..masking.teacher import TeacherGuidedMask, ema_momentum, ranking_loss, spearman
 from ..models.artifact import EncoderMeta, write_encoder
 from ..models.registry import Backbone, resolve_backbone
+from ..models.weights import LoadReport, load_pretrained
 
 
 def reference_of(batch: dict) -> torch.Tensor | None:
@@ -58,6 +60,8 @@ class MaskedImageModel(RunModule):
         self.empty_masks = EmptyMaskCounter()  # this rank's training losses that had nothing masked
         self.last_views: dict | None = None
         self._seen: dict = {}
+        self.data_summary: dict | None = None  # for encoder.json: how many volumes, from which datalist
+        self.probe_score: dict | None = None  # for encoder.json: the last linear probe's mean Dice
 
     # --- reproducible masks -------------------------------------------------------------------
     def step_generator(self) -> torch.Generator:
@@ -242,9 +246,18 @@ class MaskedImageModel(RunModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def init_weights(self, path: str | Path) -> LoadReport:
+        """Start from the weights in ``path`` (every encoder tensor, and the output layer where it fits); the EMA
+        teacher starts from the same weights."""
+        report = load_pretrained(self.net, path, self.cfg.model.name, head=True)
+        if self.teacher is not None:
+            self.teacher.load_state_dict(self.net.state_dict())
+        return report
+
     def export_encoder(self, run_dir: Path) -> Path:
-        """Write RUN_DIR/encoder.pt (a plain state_dict without the output layer) and encoder.json."""
+        """Write RUN_DIR/encoder.json and the encoder (no output layer) as export.formats: encoder.pt, .safetensors."""
         meta = EncoderMeta(model=self.cfg.model.model_dump(mode="json"), in_channels=self.channels,
                            roi=tuple(self.cfg.data.roi), step=int(self.global_step), preset=self.cfg.data.preset_obj(),
-                           **self.backbone.meta())
-        return write_encoder(run_dir, self.backbone.encoder_state(self.net), meta)
+                           masking=self.cfg.masking.model_dump(mode="json"), data=self.data_summary,
+                           probe=self.probe_score, subfore_version=__version__, **self.backbone.meta())
+        return write_encoder(run_dir, self.backbone.encoder_state(self.net), meta, tuple(self.cfg.export.formats))

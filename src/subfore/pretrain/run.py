@@ -15,10 +15,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from ..config import PretrainConfig, dump_config
 from ..engine.run import MetricsWriter, RunControl, make_trainer, resolve_resume
 from ..engine.sampling import check_fill
-from ..io import append_jsonl, read_jsonl
+from ..io import append_jsonl, read_jsonl, write_text
 from ..probe import Probe, load_into, plot_curve
 from ..visualize import save_snapshot
-from ..data.datalist import first_source
+from ..data.datalist import as_list, first_source
 from .data import CropData, resolve
 from .module import MaskedImageModel
 
@@ -42,9 +42,12 @@ class RunArtifacts(Callback):
         load_into(net, pl_module.backbone.encoder_state(pl_module.net), cfg.model.name, self.run_dir)
         row = {"step": step, "probe_dice": self._probe.run(net)["mean_dice"]}
         metrics = self.run_dir / "metrics.jsonl"
-        if not any("probe_baseline" in r for r in read_jsonl(metrics)):
-            row["probe_baseline"] = self._probe.baseline()["mean_dice"]  # the same head on a random init, once
+        base = next((r["probe_baseline"] for r in read_jsonl(metrics) if "probe_baseline" in r), None)
+        if base is None:
+            base = row["probe_baseline"] = self._probe.baseline()["mean_dice"]  # the same head on a random init, once
         append_jsonl(metrics, row)
+        pl_module.probe_score = {"step": step, "mean_dice": row["probe_dice"], "random_init_mean_dice": base,
+                                 "protocol": cfg.probe.model_dump(mode="json")}
         plot_curve(metrics, self.run_dir / "probe_curve.png")
 
     def on_train_batch_end(self, trainer, pl_module: MaskedImageModel, outputs, batch, batch_idx) -> None:
@@ -73,6 +76,10 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     pl.seed_everything(cfg.seed, verbose=False)
     plan = resolve(cfg)
     model = MaskedImageModel(cfg, plan.backbone, (plan.threshold, plan.window))
+    model.data_summary = {"volumes": len(plan.train_items), "sources": [str(s) for s in as_list(cfg.data.train)]}
+    # Before the Trainer starts anything: a file that does not fit is refused first. Resuming, the checkpoint's
+    # weights supersede the initial ones.
+    report = model.init_weights(cfg.init_from) if cfg.init_from and ckpt_path is None else None
     t = cfg.train
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                  every_n_train_steps=t.ckpt_every, save_on_train_epoch_end=False)
@@ -83,6 +90,9 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     # Before launching anything: fail without data, say once when a step must draw a volume twice.
     check_fill(len(plan.train_items), t.batch_size, d.samples_per_volume, trainer.world_size, first_source(d.train),
                warn=trainer.is_global_zero)
+    if report is not None and trainer.is_global_zero:
+        print(report)
+        write_text(run_dir / "init_load.txt", str(report) + "\n")
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")

@@ -63,17 +63,25 @@ def load_architecture(path: str | Path, configuration: str = "3d_fullres") -> di
     return arch
 
 
-def architecture(name: str, plans: str | Path | None, configuration: str = "3d_fullres") -> dict:
-    """The architecture of ``model.name`` resenc (from the plans) or resenc_l (fixed)."""
+def architecture(name: str, plans: str | Path | None, configuration: str = "3d_fullres",
+                 inline: dict | None = None) -> dict:
+    """The architecture of ``model.name`` resenc (``inline``, else from the plans) or resenc_l (fixed)."""
     if name == "resenc_l":
         return copy.deepcopy(RESENC_L)
+    if inline is not None and plans is None:
+        return {"network_class_name": inline["network_class_name"], "arch_kwargs": copy.deepcopy(inline["arch_kwargs"]),
+                "_kw_requires_import": list(inline.get("_kw_requires_import", []))}
     if plans is None:
         raise ConfigError("model.name resenc needs model.nnunet_plans (an nnU-Net plans JSON)")
     return load_architecture(plans, configuration)
 
 
-def plan_record(name: str, plans: str | Path | None, configuration: str = "3d_fullres") -> dict:
+def plan_record(name: str, plans: str | Path | None, configuration: str = "3d_fullres",
+                inline: dict | None = None) -> dict:
     """The pretraining's plan as plain data (kept in encoder.json and in exports): file, names, configuration."""
+    if name == "resenc" and plans is None and inline is not None:
+        return {"plans": None, "configuration": None, "plans_name": "model.nnunet_architecture",
+                "plan": {"architecture": architecture(name, None, inline=inline)}}
     if name == "resenc_l":
         return {"plans": None, "configuration": None, "plans_name": "nnssl ResEnc-L",
                 "plan": {"architecture": copy.deepcopy(RESENC_L), "spacing": list(RESENC_L_SPACING),
@@ -98,7 +106,9 @@ def total_strides(arch: dict) -> tuple[int, ...]:
 
 
 def describe(name: str, plans: str | Path | None, configuration: str) -> str:
-    return "resenc_l (nnssl's ResEnc-L)" if name == "resenc_l" else f"the '{configuration}' network of {plans}"
+    if name == "resenc_l":
+        return "resenc_l (nnssl's ResEnc-L)"
+    return f"the '{configuration}' network of {plans}" if plans else "the network of model.nnunet_architecture"
 
 
 def check_roi_for(arch: dict, roi, description: str, subvolume_size: int | None = None) -> None:
