@@ -177,7 +177,11 @@ class Probe:
 
 def load_into(net: nn.Module, state: dict[str, torch.Tensor], name: str, source: str | Path) -> None:
     """Load an encoder state into ``net`` of family ``name``: everything but the output layer must fit."""
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape than the architecture its metadata names
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise SubforeError(f"{source}: does not fit the architecture it names ({first})") from None
     head = backbone_spec(name).head
     if unexpected or any(not k.startswith(head) for k in missing):
         bad = (unexpected or [k for k in missing if not k.startswith(head)])[0]

@@ -75,6 +75,9 @@ def write_encoder(run_dir: str | Path, state: dict[str, torch.Tensor], meta: Enc
         else:
             raise SubforeError(f"export.formats: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     write_json(run_dir / "encoder.json", meta.dump())
+    for fmt, name in (("pt", "encoder.pt"), ("safetensors", "encoder.safetensors")):
+        if fmt not in formats:  # a format no longer written must not be read as this run's weights
+            (run_dir / name).unlink(missing_ok=True)
     return paths[0]
 
 
@@ -212,7 +215,13 @@ def read_weights(path: str | Path) -> WeightsFile:
         raise SubforeError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
         state, head = read_safetensors(path)
-        meta = parse_meta(json.loads(head[HEADER_KEY]), path) if HEADER_KEY in head else _beside(path)
+        if HEADER_KEY in head:
+            try:
+                meta = parse_meta(json.loads(head[HEADER_KEY]), path)
+            except json.JSONDecodeError as exc:
+                raise SubforeError(f"{path}: its '{HEADER_KEY}' header is not valid JSON ({exc})") from None
+        else:
+            meta = _beside(path)
         kind = "subfore model folder" if path.name == "model.safetensors" else "safetensors"
         return WeightsFile(path, _normalise(state, path), kind, meta)
     obj = load_torch(path, "weights file")

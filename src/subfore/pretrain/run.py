@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ..config import PretrainConfig, dump_config
+from ..errors import SubforeError
 from ..engine.run import MetricsWriter, RunControl, make_trainer, resolve_resume
 from ..engine.sampling import check_fill
 from ..io import append_jsonl, read_jsonl, write_text
@@ -72,6 +73,9 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
     run_dir = Path(cfg.run_dir)
+    if cfg.init_from and resume is not None and str(resume) != "auto":
+        raise SubforeError(f"init_from {cfg.init_from}: starts a new run, --resume continues one from its checkpoint; "
+                           f"give one (--resume-if-exists takes both: init on the first start, resume after)")
     ckpt_path = resolve_resume(run_dir, resume)
     pl.seed_everything(cfg.seed, verbose=False)
     plan = resolve(cfg)

@@ -18,7 +18,7 @@ import torch
 from ... import __version__
 from ...data.presets import Preset
 from ...errors import SubforeError
-from ...io import load_torch, torch_save
+from ...io import atomic_path, load_torch, torch_save
 from ..artifact import EncoderMeta, read_encoder
 from ..weights import repeat_stem
 from . import nnssl
@@ -275,9 +275,14 @@ def export_nnssl(run_dir: str | Path, out: str | Path) -> NnsslReport:
                "citations": nnssl.citations(meta.name, strategy),
                "subfore": {"format": "subfore nnssl checkpoint 1", "version": __version__,
                            "encoder": meta.model_copy(update={"model": _inline(meta.model, arch)}).dump()}}
-    # Plain data only (JSON round trip), so that torch.load(weights_only=True) reads every part of it.
-    out = torch_save({"network_weights": weights, **json.loads(json.dumps(payload))}, out)
-    how = check_nnssl(out, weights)
+    out = Path(out)
+    if out.is_dir():
+        raise SubforeError(f"{out}: a folder; --out names the .pth file to write")
+    # Plain data only (JSON round trip), so that torch.load(weights_only=True) reads every part of it. Checked
+    # under a temporary name: a file that fails the check never takes the name.
+    with atomic_path(out) as tmp:
+        torch.save({"network_weights": weights, **json.loads(json.dumps(payload))}, tmp)
+        how = check_nnssl(tmp, weights)
     return NnsslReport(out, len(weights), plan["architecture_plans"]["arch_class_name"], spacing, patch, how)
 
 
