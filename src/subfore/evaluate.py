@@ -3,7 +3,6 @@ compared with its ground truth in physical space on the label's own grid; the ev
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from monai.data import MetaTensor
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 from monai.transforms import Compose, Invertd, LoadImage, LoadImaged, ResampleToMatch
 
-from .data.brats import label_names, convention_of, dataset_json
+from .data.brats import convention_of, named_labels
 from .data.datalist import IMAGE_SUFFIXES, as_list, case_id, load_datalists
 from .data.dataset import load_item
 from .data.transforms import RemapLabels, eval_transforms, label_transforms
@@ -271,14 +270,7 @@ def _dataset_names(data: str | Path | list) -> dict[int, str]:
     """{id: name} from the datalist sources' dataset.json ``labels`` ({} when none names them)."""
     found: dict[int, str] = {}
     where = None
-    for src in as_list(data if isinstance(data, list) else str(data)):
-        path = dataset_json(src)
-        if path is None:
-            continue
-        try:
-            names = label_names(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, AttributeError, ValueError):
-            continue
+    for path, names in named_labels([str(s) for s in as_list(data)]):
         if names and found and names != found:
             raise DataError(path, f"names other labels than {where}; score one dataset at a time")
         if names:

@@ -116,20 +116,25 @@ def dataset_json(source: str | Path) -> Path | None:
     return None
 
 
+def named_labels(sources: str | list[str]):
+    """(dataset.json, {id: name}) for each datalist source whose dataset.json can be read; unreadable ones skipped."""
+    for src in [sources] if isinstance(sources, str) else sources:
+        path = dataset_json(src)
+        if path is None:
+            continue
+        try:
+            yield path, label_names(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, AttributeError, ValueError):
+            continue
+
+
 def convention_of(sources: str | list[str], lenient: bool = False) -> tuple[str, Path] | None:
     """(convention, dataset.json) from the label names of the sources' dataset.json files; None when none names any.
 
     Raises DataError naming the file when names match no convention or two sources disagree.
     """
     found: tuple[str, Path] | None = None
-    for src in [sources] if isinstance(sources, str) else sources:
-        path = dataset_json(src)
-        if path is None:
-            continue
-        try:
-            names = label_names(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, AttributeError, ValueError):
-            continue
+    for path, names in named_labels(sources):
         conv = convention_from_names(names)
         if conv is None:
             continue
