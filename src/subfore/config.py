@@ -95,6 +95,9 @@ class ModelConfig(Strict):
     mlp_dim: int = 3072
     num_heads: int = 12
     dropout: float = 0.0
+    encoding: Literal["dense", "visible"] = Field(
+        "dense", description="pretraining: dense (SimMIM: masked voxels filled, the whole crop encoded) or visible "
+        "(MAE: the ViT encodes the visible patches only; unetr); finetuning always encodes everything")
     # nnU-Net (resenc: the network; data.preset nnunet: the preprocessing). resenc_l is fixed and needs no plans.
     nnunet_plans: str | None = Field(None, description="nnU-Net plans JSON, e.g. nnUNetResEncUNetLPlans.json")
     nnunet_configuration: str = Field("3d_fullres", description="the plans' configuration to build")
@@ -137,16 +140,21 @@ class MaskingConfig(Strict):
     threshold: float | str = Field(0.1, description="λ normalised, '-132.5 HU', or 'otsu'")
     fill: Literal["noise", "zero", "mean", "token"] = "noise"
     exact: bool = True
+    loss: Literal["l1", "mse"] = Field("l1", description="per-voxel error on masked voxels: l1 (SubFore) or mse (MAE)")
+    norm_pix_loss: bool = Field(False, description="MAE's target: each patch (model.encoding visible: 16³ ViT "
+                                "patch; dense: subvolume) normalised to zero mean and unit variance")
     options: dict[str, Any] = Field(default_factory=dict, description="extra generator options")
     # Teacher-guided strategies (anatomask, hpm).
     gate: Literal["foreground"] | None = Field(None, description="only foreground subvolumes are candidates")
     r0: float = Field(0.0, ge=0, le=1, description="hard share of the mask at step 0")
     rT: float = Field(0.5, ge=0, le=1, description="hard share of the mask at train.max_steps")
     schedule: Literal["easy-to-hard", "hard-to-easy"] = "easy-to-hard"
-    # AnatoMask's published teacher: EMA 0.999 → 0.9999 over the first quarter of training, then held.
+    # AnatoMask's published teacher: EMA 0.999 → 0.9999, raised linearly over the first quarter of training (its
+    # code steps it once per epoch; here once per step), then held. cosine: the same ends, rising slower at first
+    # (larger teacher updates early: 1 − m is 11 % larger a fifth of the way up the ramp).
     ema_momentum: float = Field(0.999, ge=0, le=1, description="teacher EMA momentum at step 0")
     ema_momentum_end: float = Field(0.9999, ge=0, le=1, description="momentum from ema_ramp_fraction of training on")
-    ema_ramp: Literal["cosine", "linear"] = "cosine"
+    ema_ramp: Literal["linear", "cosine"] = "linear"
     ema_ramp_fraction: float = Field(0.25, gt=0, le=1, description="share of train.max_steps the ramp takes")
     predictor_weight: float = Field(1.0, ge=0, description="hpm: weight of the loss-predictor ranking loss")
     max_pairs: int = Field(256, ge=1, description="hpm: ranking pairs sampled per sample")
@@ -170,6 +178,25 @@ class MaskingConfig(Strict):
         if isinstance(self.threshold, str) and self.threshold != "otsu":
             return {"threshold": None, "threshold_hu": float(_HU.match(self.threshold).group(1))}  # type: ignore[union-attr]
         return {"threshold": self.threshold}
+
+
+class DecoderConfig(Strict):
+    """The MAE decoder of ``model.encoding: visible`` (pretraining only; never exported).
+
+    Defaults: 4 blocks × 384 wide, 12 heads. MAE's paper uses 8 × 512 beside ViT-L (1024 wide); half the encoder's
+    width is kept here (UNETR's ViT-B is 768), and half its depth, since MAE's fine-tuning accuracy hardly moves
+    with decoder depth (84.8 % at 1 block, 84.9 % at 8) while a 3D crop has 4–8× the tokens of a 2D image.
+    """
+
+    width: int = Field(384, ge=1)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(12, ge=1)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "DecoderConfig":
+        if self.width % self.heads:
+            raise ValueError(f"decoder.width ({self.width}) must be divisible by decoder.heads ({self.heads})")
+        return self
 
 
 class OptimConfig(Strict):
@@ -233,11 +260,22 @@ class PretrainConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     probe: ProbeSettings | None = Field(None, description="a linear probe of the frozen network during pretraining")
     export: ExportConfig = Field(default_factory=lambda: ExportConfig())
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig, description="model.encoding visible: the MAE decoder")
     init_from: str | None = Field(None, description="weights to start from (step 0, fresh optimiser): a subfore run "
                                   "or model folder, an nnssl checkpoint, nnU-Net or other weights files")
 
     @model_validator(mode="after")
     def _defaults(self) -> "PretrainConfig":
+        if self.model.encoding == "visible":
+            spec = BACKBONES[self.model.name]
+            if spec.visible is None:
+                with_vit = ", ".join(n for n, b in BACKBONES.items() if b.visible is not None)
+                raise ValueError(f"model.encoding visible drops masked tokens before a ViT's blocks: "
+                                 f"{self.model.name} has none; use model.name: {with_vit} or model.encoding: dense")
+            if self.masking.subvolume_size % spec.patch_size:
+                raise ValueError(f"model.encoding visible: masking.subvolume_size {self.masking.subvolume_size} "
+                                 f"must be a multiple of the ViT's {spec.patch_size}³ patches (a subvolume is whole "
+                                 f"patches)")
         return fill_lr_check_batch(self, "pretrain_lr")
 
     def foreground_threshold(self) -> tuple[float | str, Window | None]:
@@ -342,6 +380,9 @@ class FinetuneConfig(Strict):
     @model_validator(mode="after")
     def _defaults(self) -> "FinetuneConfig":
         fill_lr_check_batch(self, "finetune_lr")
+        if self.model.encoding != "dense":
+            raise ValueError("model.encoding visible is a pretraining setting; finetuning encodes the whole crop "
+                             "(remove it: an MAE encoder loads into the dense network as it is)")
         if self.data.holdout and self.data.val:
             raise ValueError("data.holdout and data.val both name a validation set; keep one")
         if self.finetune.select is None:

@@ -18,7 +18,7 @@ from .grid import (
     otsu_thresholds,
     subvolume_means,
 )
-from .ops import EmptyMaskCounter, apply_mask, masked_l1
+from .ops import LOSSES, EmptyMaskCounter, apply_mask, masked_l1, masked_loss, patch_normalise, voxel_error
 from .random import RandomMask, random_grid
 from .teacher import AnatoMask, HardPatchMask, TeacherGuidedMask, compose_mask, ema_momentum, hard_share
 
@@ -44,6 +44,10 @@ __all__ = [
     "grid_shape",
     "make_generator",
     "masked_l1",
+    "masked_loss",
+    "patch_normalise",
+    "voxel_error",
+    "LOSSES",
     "otsu_thresholds",
     "parse_threshold",
     "random_grid",

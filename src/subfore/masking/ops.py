@@ -59,10 +59,23 @@ class EmptyMaskCounter:
         self._count = None
 
 
-def masked_l1(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, counter: EmptyMaskCounter | None = None
+LOSSES = ("l1", "mse")
+
+
+def voxel_error(pred: torch.Tensor, target: torch.Tensor, loss: str = "l1") -> torch.Tensor:
+    """Per-voxel error in fp32: |pred − target| (``l1``, SubFore) or (pred − target)² (``mse``, MAE)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    diff = pred.float() - target.float()
+    return diff.abs() if loss == "l1" else diff.square()
+
+
+def masked_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, loss: str = "l1",
+    counter: EmptyMaskCounter | None = None,
 ) -> torch.Tensor:
-    """Mean |pred − target| over masked voxels only, in fp32; 0 (and ``counter`` + 1) when nothing is masked.
+    """Mean per-voxel error (:func:`voxel_error`) over masked voxels only, in fp32; 0 (and ``counter`` + 1) when
+    nothing is masked.
 
     pred, target: (B, C, D, H, W); mask: grid (B, nz, ny, nx) or voxels (B, 1, D, H, W), True = masked.
     """
@@ -72,8 +85,37 @@ def masked_l1(
     voxels = to_grid(mask, size)
     # Outside autocast and in fp32: a bf16 sum of millions of voxels rounds (256 is its largest exact step).
     with torch.autocast(pred.device.type, enabled=False):
-        err = torch.where(voxels, (pred.float() - target.float()).abs(), 0.0).sum()
+        err = torch.where(voxels, voxel_error(pred, target, loss), 0.0).sum()
         count = voxels.sum() * pred.shape[1]  # int64: exact
     if counter is not None:
         counter.add(count == 0)
     return err / count.clamp_min(1).float()
+
+
+def masked_l1(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, counter: EmptyMaskCounter | None = None
+) -> torch.Tensor:
+    """Mean |pred − target| over masked voxels only (SubFore's loss): :func:`masked_loss` with ``l1``."""
+    return masked_loss(pred, target, mask, "l1", counter)
+
+
+def patch_normalise(x: torch.Tensor, size: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's ``norm_pix_loss`` target: each size³ patch of x (B, C, D, H, W) to zero mean, unit variance over its
+    voxels and channels. Returns (normalised x, mean, std), mean and std broadcast to x's shape."""
+    with torch.autocast(x.device.type, enabled=False):
+        xf = x.float()
+        mean = torch.nn.functional.avg_pool3d(xf, size, size).mean(1, keepdim=True)
+        sq = torch.nn.functional.avg_pool3d(xf.square(), size, size).mean(1, keepdim=True)
+        # MAE divides by the unbiased variance's root; with 16³ voxels a patch the difference is 1 part in 8192.
+        n = size**3 * x.shape[1]
+        var = (sq - mean.square()).clamp_min(0) * n / max(n - 1, 1)
+        mean = expand_to(mean, size, x.shape)
+        std = expand_to((var + eps).sqrt(), size, x.shape)
+        return (xf - mean) / std, mean, std
+
+
+def expand_to(cells: torch.Tensor, size: int, shape: torch.Size) -> torch.Tensor:
+    """(B, 1, nz, ny, nx) per-cell values as voxels broadcast to ``shape`` (B, C, D, H, W)."""
+    for dim in (2, 3, 4):
+        cells = cells.repeat_interleave(size, dim)
+    return cells.expand(shape)

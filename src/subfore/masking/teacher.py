@@ -133,11 +133,12 @@ class HardPatchMask(TeacherGuidedMask):
     teacher_kind = "predictor"
 
 
-def ema_momentum(step: int, total: int, start: float = 0.999, end: float = 0.9999, ramp: str = "cosine",
+def ema_momentum(step: int, total: int, start: float = 0.999, end: float = 0.9999, ramp: str = "linear",
                  ramp_fraction: float = 0.25) -> float:
     """EMA momentum rising from ``start`` at step 0 to ``end`` at ``ramp_fraction · total``, then held.
 
-    The defaults are AnatoMask's published schedule (0.999 → 0.9999 over the first quarter of training).
+    The defaults are AnatoMask's published schedule (0.999 → 0.9999, linear, over the first quarter of training);
+    ``cosine`` rises slower at first.
     """
     ramp_steps = max(ramp_fraction * total, 1e-12)
     t = min(max(step, 0) / ramp_steps, 1.0)

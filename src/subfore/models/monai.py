@@ -11,6 +11,7 @@ from monai.networks.nets import BasicUNet, SwinUNETR, UNETR
 from torch import nn
 
 from ..errors import ConfigError
+from .mae import PATCH, MaskedAutoencoder, freeze_unused
 
 
 def check_swinunetr_roi(roi: Sequence[int]) -> None:
@@ -62,8 +63,18 @@ def swinunetr(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.
 
 
 def unetr(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
-    return UNETR(**unetr_args(m, in_channels, out_channels, roi))
+    return freeze_unused(UNETR(**unetr_args(m, in_channels, out_channels, roi)))
 
 
 def basicunet(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
     return BasicUNet(**basicunet_args(m, in_channels, out_channels, roi))
+
+
+def unetr_mae(m, in_channels: int, roi: Sequence[int], decoder, predict_loss: bool = False) -> MaskedAutoencoder:
+    """UNETR's ViT (built by UNETR itself: the same init and key names) with an MAE decoder over the crop's patches.
+
+    decoder: the ``decoder`` section (width, depth, heads); predict_loss: hard-patch mining's per-patch loss head.
+    """
+    vit = UNETR(**unetr_args(m, in_channels, 1, roi)).vit
+    return MaskedAutoencoder(vit, in_channels, tuple(r // PATCH for r in roi), decoder.width, decoder.depth,
+                             decoder.heads, predict_loss)

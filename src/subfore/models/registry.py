@@ -37,6 +37,10 @@ class BackboneSpec:
     check_roi: Callable[[Sequence[int]], None] | None = None
     #: built from an nnU-Net architecture (plans) rather than from the model section's sizes
     nnunet: bool = False
+    #: model.encoding visible: (model section, in_channels, roi, decoder section, predict_loss) → an MAE whose
+    #: encoder keys are this family's (ViT families only), and the ViT's patch side in voxels
+    visible: Callable[..., nn.Module] | None = None
+    patch_size: int | None = None
 
     def encoder_keys(self, keys) -> list[str]:
         return [k for k in keys if k.startswith(self.encoder)]
@@ -63,7 +67,8 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     BackboneSpec(name="swinunetr", build=from_section(monai_nets.swinunetr), encoder=("swinViT.",), head="out.",
                  pretrain_lr=8e-4, finetune_lr=1e-3, check_roi=monai_nets.check_swinunetr_roi),
     BackboneSpec(name="unetr", build=from_section(monai_nets.unetr), encoder=("vit.",), head="out.",
-                 pretrain_lr=1e-4, finetune_lr=3e-4, check_roi=monai_nets.check_multiple_of_16("unetr")),
+                 pretrain_lr=1e-4, finetune_lr=3e-4, check_roi=monai_nets.check_multiple_of_16("unetr"),
+                 visible=monai_nets.unetr_mae, patch_size=16),
     BackboneSpec(name="basicunet", build=from_section(monai_nets.basicunet),
                  encoder=("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."), head="final_conv.",
                  pretrain_lr=1e-3, finetune_lr=1e-3, check_roi=monai_nets.check_multiple_of_16("basicunet")),
@@ -115,9 +120,19 @@ class Backbone:
         """(B, in_channels, *roi) → (B, out_channels, *roi) for a crop :meth:`check_roi` accepted."""
         return self.spec.build(self.model, in_channels, out_channels, tuple(roi), copy.deepcopy(self.architecture))
 
+    def build_visible(self, in_channels: int, roi: Sequence[int], decoder, predict_loss: bool) -> nn.Module:
+        """The MAE of ``model.encoding: visible``: (B, C, *roi) and a patch mask → reconstruction (B, C, *roi)."""
+        return self.spec.visible(self.model, in_channels, tuple(roi), decoder, predict_loss)
+
     def encoder_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
-        """The network's weights without its output layer: loads into the same family with any class count."""
-        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if not k.startswith(self.spec.head)}
+        """The network's weights without its output layer (an MAE's: its encoder only): loads into the same family
+        with any class count."""
+        state = net.state_dict()
+        if getattr(self.model, "encoding", "dense") == "visible":
+            keep = self.spec.encoder_keys(state)  # the MAE decoder is pretraining's alone
+        else:
+            keep = [k for k in state if not k.startswith(self.spec.head)]
+        return {k: state[k].detach().cpu().clone() for k in keep}
 
     def meta(self) -> dict:
         """What encoder.json records beyond the model section: the nnU-Net architecture the weights belong to."""

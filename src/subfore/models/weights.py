@@ -38,6 +38,7 @@ class LoadReport:
     renamed: int = 0
     head: list[str] = field(default_factory=list)
     expected_missing: list[str] = field(default_factory=list)
+    not_pretrained: list[str] = field(default_factory=list)
     encoder_loaded: int = 0
     encoder_total: int = 0
 
@@ -46,6 +47,7 @@ class LoadReport:
             f"pretrained weights from {self.source}: {len(self.loaded)} tensors loaded "
             f"({self.encoder_loaded}/{self.encoder_total} of the encoder), {len(self.missing)} missing, "
             f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape-mismatched"
+            + (f", {len(self.not_pretrained)} not in the pretraining" if self.not_pretrained else "")
         ]
         if self.renamed:
             lines.append(f"  renamed from the released SwinUNETR self-supervised layout: {self.renamed} tensors")
@@ -53,6 +55,8 @@ class LoadReport:
             lines.append(f"  input channels adapted: {', '.join(self.adapted)}")
         for name, keys in (("skipped, the pretraining's output head (never loaded)", self.head),
                            ("expected missing, not in a v1 SwinUNETR pretraining (left at init)", self.expected_missing),
+                           ("not part of an MAE pretraining (model.encoding visible trains the ViT with a decoder of "
+                            "its own, not exported; left at init)", self.not_pretrained),
                            ("missing (left at init)", self.missing),
                            ("unexpected, no such tensor in this network (skipped)", self.unexpected),
                            ("mismatched", self.mismatched)):
@@ -183,4 +187,7 @@ def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_chan
     net.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
     report.missing = sorted(k for k in target if k not in usable and k not in report.expected_missing)
+    if found.meta is not None and found.meta.model.get("encoding") == "visible":
+        report.not_pretrained = [k for k in report.missing if not k.startswith(enc)]
+        report.missing = [k for k in report.missing if k.startswith(enc)]
     return report

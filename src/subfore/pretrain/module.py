@@ -13,9 +13,11 @@ from .. import __version__
 from ..config import PretrainConfig
 from ..engine.module import RunModule, gather_scalars, reduce_sum, tensor_digest, warmup_cosine
 from ..engine.sampling import mix_seed
-from ..masking import EmptyMaskCounter, Window, apply_mask, foreground_grid, from_config, masked_l1, random_grid
+from ..masking import (EmptyMaskCounter, Window, apply_mask, foreground_grid, from_config, masked_loss,
+                       patch_normalise, random_grid, voxel_error)
 from ..masking.teacher import TeacherGuidedMask, ema_momentum, ranking_loss, spearman
 from ..models.artifact import EncoderMeta, write_encoder
+from ..models.mae import patch_grid
 from ..models.registry import Backbone, resolve_backbone
 from ..models.weights import LoadReport, load_pretrained
 
@@ -27,7 +29,11 @@ def reference_of(batch: dict) -> torch.Tensor | None:
 
 
 class MaskedImageModel(RunModule):
-    """Reconstruct masked subvolumes: x → mask → apply_mask → backbone → masked L1 against x."""
+    """Reconstruct masked subvolumes: x → mask → the network → masked L1 (or MSE) against x.
+
+    ``model.encoding: dense`` (SimMIM): masked voxels are filled and the whole crop goes through the backbone.
+    ``visible`` (MAE): the ViT encodes the visible patches only and a light decoder predicts every patch.
+    """
 
     val_metrics = {"val/loss": ("val_loss", float)}
 
@@ -44,9 +50,19 @@ class MaskedImageModel(RunModule):
         self.backbone = backbone
         self.channels = cfg.data.channels
         self.predicts_loss = mk.strategy == "hpm"
-        # HPM's loss predictor is one extra output channel, pooled per subvolume.
-        self.net = backbone.build(self.channels, self.channels + int(self.predicts_loss), cfg.data.roi)
-        self.mask_token = torch.nn.Parameter(torch.zeros(self.channels)) if mk.fill == "token" else None
+        self.visible = cfg.model.encoding == "visible"
+        if self.visible:
+            # HPM's loss predictor is a head on the decoder's tokens; masking.fill does not apply (the decoder has
+            # its own mask token), and MAE's per-patch target normalisation is per ViT patch.
+            self.net = backbone.build_visible(self.channels, cfg.data.roi, cfg.decoder, self.predicts_loss)
+            self.patches_per_subvolume = mk.subvolume_size // backbone.spec.patch_size
+            self.norm_size = backbone.spec.patch_size
+        else:
+            # HPM's loss predictor is one extra output channel, pooled per subvolume.
+            self.net = backbone.build(self.channels, self.channels + int(self.predicts_loss), cfg.data.roi)
+            self.norm_size = mk.subvolume_size
+        use_token = mk.fill == "token" and not self.visible
+        self.mask_token = torch.nn.Parameter(torch.zeros(self.channels)) if use_token else None
         # λ in the preset's units; window: what λ is range-checked against (none for nnU-Net's z-scores).
         self.threshold, window = foreground if foreground is not None else cfg.foreground_threshold()
         self.masker = from_config(mk, self.threshold, window)
@@ -100,14 +116,16 @@ class MaskedImageModel(RunModule):
     def teacher_scores(self, x: torch.Tensor, candidates: torch.Tensor, generator) -> torch.Tensor:
         """Per-subvolume difficulty (B, nz, ny, nx) from the EMA teacher; ``-inf`` where it gave no score.
 
-        AnatoMask: L1 error of the teacher's reconstruction under a random ρ mask of the candidates
-        (the same L1 target the student trains on). HPM: the teacher's predicted loss on the unmasked input.
+        AnatoMask: the teacher's error (masking.loss, against the student's target) under a random ρ mask of the
+        candidates. HPM: the teacher's predicted loss on the unmasked input. The teacher is an EMA of the whole
+        network: with visible encoding, encoder and decoder.
         """
         if self.predicts_loss:
-            return self.per_subvolume(self.teacher(x)[:, self.channels :])
+            return self.run_net(self.teacher, x, None, generator)[1]
         m = random_grid(tuple(candidates.shape), self.masker.ratio, x.device, generator, True, candidates)
-        pred = self.teacher(apply_mask(x, m, self._fill(), generator=generator))[:, : self.channels]
-        return self.per_subvolume((pred - x).abs()).masked_fill(~m, float("-inf"))
+        pred = self.run_net(self.teacher, x, m, generator)[0]
+        return self.per_subvolume(voxel_error(pred, self.target(x)[0], self.cfg.masking.loss)).masked_fill(
+            ~m, float("-inf"))
 
     def after_step(self) -> None:
         """The EMA teacher follows the student after every optimiser step that was taken."""
@@ -123,6 +141,32 @@ class MaskedImageModel(RunModule):
     def _fill(self):
         return self.mask_token if self.mask_token is not None else self.cfg.masking.fill
 
+    def run_net(self, net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None, generator
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``net`` (the student or its EMA teacher) on x (B, C, D, H, W) under a subvolume mask (None: nothing
+        masked) → (reconstruction (B, C, D, H, W), predicted loss per subvolume (B, nz, ny, nx) or None (not hpm),
+        the masked input the network saw (dense) or None (visible, or nothing masked))."""
+        if self.visible:
+            k = self.patches_per_subvolume
+            patches = (torch.zeros((x.shape[0], *(s // self.norm_size for s in x.shape[2:])), dtype=torch.bool,
+                                   device=x.device) if mask is None else patch_grid(mask, k))
+            pred, loss = net(x, patches)
+            if loss is not None and k > 1:
+                loss = F.avg_pool3d(loss[:, None], k, k)[:, 0]
+            return pred, loss, None
+        x_in = x if mask is None else apply_mask(x, mask, self._fill(), generator=generator)
+        out = net(x_in)
+        loss = self.per_subvolume(out[:, self.channels :]) if self.predicts_loss else None
+        return out[:, : self.channels], loss, (None if mask is None else x_in)
+
+    def target(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """What the network reconstructs: x itself, or (masking.norm_pix_loss) x normalised per patch, with the
+        (mean, std) that map a prediction back to intensities."""
+        if not self.cfg.masking.norm_pix_loss:
+            return x, None
+        normed, mean, std = patch_normalise(x, self.norm_size)
+        return normed, (mean, std)
+
     def reconstruct(self, x: torch.Tensor, generator: torch.Generator, reference: torch.Tensor | None = None) -> dict:
         """Mask x (B, C, D, H, W), reconstruct it, and return the loss with what produced it.
 
@@ -130,15 +174,16 @@ class MaskedImageModel(RunModule):
         """
         if self.teacher is not None:
             self.masker.step = self.global_step
+        mk = self.cfg.masking
         mask = self.masker(x, generator=generator, reference=reference)
-        x_in = apply_mask(x, mask, self._fill(), generator=generator)
-        out = self.net(x_in)
-        pred = out[:, : self.channels]
-        loss = masked_l1(pred, x, mask, counter=self.empty_masks if self.training else None)
-        result = {"loss": loss, "recon_loss": loss, "mask": mask, "x_in": x_in, "pred": pred}
+        pred, predicted, x_in = self.run_net(self.net, x, mask, generator)
+        target, stats = self.target(x)
+        loss = masked_loss(pred, target, mask, mk.loss, counter=self.empty_masks if self.training else None)
+        shown = pred.detach() if stats is None else pred.detach() * stats[1] + stats[0]
+        result = {"loss": loss, "recon_loss": loss, "mask": mask, "x_in": x_in, "pred": shown}
         if self.predicts_loss:
-            predicted = self.per_subvolume(out[:, self.channels :]).flatten(1)
-            true = self.per_subvolume((pred - x).abs()).detach().flatten(1)
+            predicted = predicted.flatten(1)
+            true = self.per_subvolume(voxel_error(pred, target, mk.loss)).detach().flatten(1)
             flat_mask = mask.flatten(1)
             p_loss = ranking_loss(predicted, true, flat_mask, self.cfg.masking.max_pairs, generator)
             result.update(loss=loss + self.cfg.masking.predictor_weight * p_loss, predictor_loss=p_loss,
@@ -168,7 +213,10 @@ class MaskedImageModel(RunModule):
         if seen and self._logging_now():
             self.row = {**self.step_row(seen), "time": round(time.time(), 3)}
         if seen and self._snapshot_now():
-            views = (("x", seen["x"]), ("x_in", seen["out"]["x_in"]), ("pred", seen["out"]["pred"]))
+            x_in = seen["out"]["x_in"]
+            if x_in is None:  # visible encoding: the network saw no filled voxels; show the masked ones as 0
+                x_in = apply_mask(seen["x"], seen["out"]["mask"], "zero")
+            views = (("x", seen["x"]), ("x_in", x_in), ("pred", seen["out"]["pred"]))
             self.last_views = {k: v[:1].detach().float().cpu() for k, v in views}
             self.last_views["mask"] = seen["out"]["mask"][:1].cpu()
 
