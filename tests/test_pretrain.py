@@ -121,7 +121,7 @@ def test_empty_mask_count_belongs_to_the_run_and_survives_resume(phantom_dir, tm
 def test_non_finite_losses_stop_after_max_bad_steps(phantom_dir, tmp_path, monkeypatch):
     import subfore.pretrain.module as engine
 
-    monkeypatch.setattr(engine, "masked_l1", lambda pred, target, mask, counter=None: pred.sum() * float("nan"))
+    monkeypatch.setattr(engine, "masked_loss", lambda pred, target, mask, loss="l1", counter=None: pred.sum() * float("nan"))
     tree = base_config(phantom_dir, tmp_path, train={"max_steps": 5, "max_bad_steps": 3})
     with pytest.raises(SubforeError, match="3 non-finite losses in a row"):
         run_cfg(tree)
