@@ -195,3 +195,58 @@ def test_shipped_finetune_configs_validate(path):
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "finetune" / path, [], FinetuneConfig)
     assert len(cfg.class_names()) == cfg.model.out_channels
+
+
+def test_label_fractions_pretrain_once_finetune_per_count_and_pair_by_seed(phantom_dir, tmp_path):
+    tree = micro(phantom_dir, tmp_path, label_fractions=[1, 0.99], seeds=[0, 1])
+    tree["study"].pop("probe")
+    cfg = load_config(None, [], StudyConfig, base=tree)
+    out = study(cfg)
+    results = json.loads((out / "results.json").read_text())
+    # 2 training cases after the holdout: a count of 1, and a share 0.99 → 2.
+    assert results["protocol"]["finetune_train"]["labels"] == [1, 2]
+    assert sorted((r["arm"], r["seed"], r["labels"]) for r in results["runs"]) == [
+        (a, s, n) for a in ("foreground", "scratch") for s in (0, 1) for n in (1, 2)]
+    for seed in (0, 1):
+        steps = [json.loads(x)["step"] for x in (out / "foreground" / f"seed{seed}" / "pretrain" / "metrics.jsonl")
+                 .read_text().splitlines() if "loss" in json.loads(x)]
+        assert steps == [1, 2]  # pretrained once, not once per label count
+        for n in (1, 2):
+            run = out / "foreground" / f"seed{seed}" / f"labels{n}"
+            assert (run / "result.json").exists()
+            assert "limit_train: " + str(n) in (run / "finetune" / "config.yaml").read_text()
+    # The paired table: each arm − scratch per seed, from the runs' own mean Dice.
+    dice = {(r["arm"], r["seed"], r["labels"]): r["tests"]["phantoms"]["mean_dice"] for r in results["runs"]}
+    diffs = [100 * (dice["foreground", s, 1] - dice["scratch", s, 1]) for s in (0, 1)]
+    md = (out / "labels.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| foreground |") and "(" in line)
+    assert row.split(" | ")[1].endswith("(" + ", ".join(f"{d:+.1f}" for d in diffs) + ")")
+    assert (out / "labels.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="3 labelled cases asked for, finetune_train has 2"):
+        study(load_config(None, ["study.label_fractions=[3]"], StudyConfig, base=tree))
+
+
+def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phantom_dir, tmp_path):
+    import hashlib
+    import subprocess
+
+    tree = micro(phantom_dir, tmp_path, arms=["foreground"])
+    tree["study"]["probe"]["steps"] = 5
+    out = study(load_config(None, [], StudyConfig, base=tree))
+    results = json.loads((out / "results.json").read_text())
+    code = results["runs"][0]["code"]
+    assert len(code["commit"]) == 40 and isinstance(code["dirty"], bool)
+    image = phantom_dir / json.loads((phantom_dir / "dataset.json").read_text())["validation"][0]["image"]
+    assert results["data"]["test phantoms"][str(image.resolve())] == hashlib.sha256(image.read_bytes()).hexdigest()
+    cmd = ["subfore", "study", "--reproduce", str(out / "results.json"), "--arm", "foreground", "--seed", "0"]
+    ok = subprocess.run([*cmd, "--out", str(tmp_path / "again")], capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    total = len([line for line in ok.stdout.splitlines() if line.startswith("match ")])
+    assert total > 20 and f"{total} of {total} numbers match" in ok.stdout
+    # One recorded number changed: the rerun names it and fails.
+    results["runs"][0]["tests"]["phantoms"]["dice"]["liver"] += 0.01
+    (tmp_path / "edited.json").write_text(json.dumps(results))
+    bad = subprocess.run([*cmd[:3], str(tmp_path / "edited.json"), *cmd[4:], "--out", str(tmp_path / "third")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 1 and "DIFFERS phantoms dice liver" in bad.stdout
+    assert f"{total - 1} of {total} numbers match" in bad.stdout

@@ -64,21 +64,47 @@ def finetune(
 
 @app.command()
 def study(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML study config (see configs/study/)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML study config (see configs/study/)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set study.seeds=[0]"),
     check: bool = typer.Option(False, "--check", help="resolve the protocol (which case plays which role) and exit; "
                                "fails when a test case also trains or selects the checkpoint"),
+    reproduce: Optional[Path] = typer.Option(None, "--reproduce", help="a study's results.json: rerun one of its runs "
+                                             "(--arm, --seed) from the config it records and compare every number"),
+    arm: Optional[str] = typer.Option(None, "--arm", help="with --reproduce: the arm"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="with --reproduce: the seed"),
+    labels: Optional[int] = typer.Option(None, "--labels", help="with --reproduce: the number of labelled cases "
+                                         "(studies with label_fractions)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="with --reproduce: a new directory for the rerun "
+                                       "(default runs/reproduce/ARM_seedS)"),
 ) -> None:
-    """Pretrain, finetune and score every masking arm over seeds; resumable (finished arms are skipped)."""
+    """Pretrain, finetune and score every masking arm over seeds; resumable (finished arms are skipped).
+
+    With --reproduce RESULTS.json --arm A --seed S: rerun that one run and say, number by number, whether it matches
+    (exit 1 when any differs).
+    """
     STOP.install()  # before torch loads: a preemption signal from now on is noted, not fatal
     from ..api import StudyConfig, load_config, study as run
     from ..study import check_protocol, describe_protocol
 
+    if reproduce is not None:
+        from ..study import reproduce as rerun
+
+        if arm is None or seed is None:
+            raise typer.BadParameter("--reproduce needs --arm and --seed")
+        cfg = load_config(config, set_ or [], StudyConfig) if config else None
+        report = rerun(reproduce, arm, seed, labels, out, cfg)
+        for line in report["lines"]:
+            typer.echo(line)
+        if report["matched"] != report["total"] or report["data_changed"]:
+            raise typer.Exit(1)
+        return
+    if config is None:
+        raise typer.BadParameter("give --config (a study config), or --reproduce RESULTS.json --arm A --seed S")
     cfg = load_config(config, set_ or [], StudyConfig)
     if check:
         for line in describe_protocol(check_protocol(cfg)):
             typer.echo(line)
         typer.echo(f"{config}: protocol ok")
         return
-    out = run(cfg)
-    typer.echo(f"done: {out}/results.md, results.json, dice.png, curves.png")
+    out_dir = run(cfg)
+    typer.echo(f"done: {out_dir}/results.md, results.json, dice.png, curves.png")

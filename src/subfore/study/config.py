@@ -12,7 +12,18 @@ from ..config import FinetuneConfig, PhantomSource, ProbeSettings, Strict, load_
 from ..masking import REGISTRY
 
 DEFAULT_ARMS = ["scratch", "random", "block", "foreground", "foreground+otsu", "anatomask", "hpm", "anatomask+gate"]
-MODIFIERS = {"otsu": {"masking.threshold": "otsu"}, "gate": {"masking.gate": "foreground"}}
+MODIFIERS = {"otsu": {"masking.threshold": "otsu"}, "gate": {"masking.gate": "foreground"},
+             "visible": {"model.encoding": "visible"}, "dense": {"model.encoding": "dense"}}
+# The papers' baselines by name, as the seeds' tables have them (UNETR: MAE 80.26, SimMIM 80.95, SubFore 81.77).
+NAMED = {
+    # MAE: the ViT encodes the visible patches only; ratio 0.75; MSE on per-patch normalised voxels.
+    "mae": {"masking.strategy": "random", "masking.ratio": 0.75, "model.encoding": "visible", "masking.loss": "mse",
+            "masking.norm_pix_loss": True},
+    # SimMIM: masked voxels replaced by a learned token, the whole crop encoded; ratio 0.6; L1 on masked voxels.
+    "simmim": {"masking.strategy": "random", "masking.ratio": 0.6, "model.encoding": "dense", "masking.fill": "token",
+               "masking.loss": "l1"},
+    "subfore": {"masking.strategy": "foreground"},
+}
 
 
 class TestSet(Strict):
@@ -78,6 +89,21 @@ class StudySection(Strict):
     sweep: dict[str, list[Any]] | None = Field(None, description="one key → values, e.g. {masking.ratio: [0.4, 0.8]}")
     probe: ProbeSettings | None = Field(None, description="a linear probe of every arm's frozen network (scratch: "
                                         "its random init), a second read-out beside finetune Dice")
+    label_fractions: list[float] | None = Field(
+        None, description="labelled finetuning cases per run: a count (1, 2, 4) or a share of finetune_train "
+        "(0.25); every arm and seed pretrains once and finetunes at each")
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _fractions(cls, values):
+        if values is None:
+            return None
+        if not values:
+            raise ValueError("label_fractions: give at least one count or share, or leave it out")
+        for v in values:
+            if v <= 0 or (v >= 1 and v != int(v)):
+                raise ValueError(f"label_fractions: {v} is neither a share in (0, 1) nor a whole number of cases")
+        return values
 
     @field_validator("arms")
     @classmethod
@@ -109,14 +135,19 @@ class StudyConfig(Strict):
 
 
 def parse_arm(arm: str) -> dict[str, Any] | None:
-    """Pretraining overrides for an arm name (None for ``scratch``)."""
+    """Pretraining overrides for an arm name (None for ``scratch``): a strategy or a named baseline (``mae``,
+    ``simmim``, ``subfore``) with ``+`` modifiers (``otsu``, ``gate``, ``visible``, ``dense``)."""
     base = arm.split("[")[0]
     if base == "scratch":
         return None
     strategy, *mods = base.split("+")
-    if strategy not in REGISTRY:
-        raise ValueError(f"arm {arm!r}: unknown strategy {strategy!r}; registered: {', '.join(sorted(REGISTRY))}")
-    out: dict[str, Any] = {"masking.strategy": strategy}
+    if strategy in NAMED:
+        out: dict[str, Any] = dict(NAMED[strategy])
+    elif strategy in REGISTRY:
+        out = {"masking.strategy": strategy}
+    else:
+        raise ValueError(f"arm {arm!r}: unknown strategy {strategy!r}; registered: {', '.join(sorted(REGISTRY))}; "
+                         f"named: {', '.join(NAMED)}")
     for m in mods:
         if m not in MODIFIERS:
             raise ValueError(f"arm {arm!r}: unknown modifier {m!r}; known: {', '.join(MODIFIERS)}")
@@ -149,11 +180,15 @@ def existing(paths: list[str]) -> list[str]:
     return [p for p in paths if Path(p).exists()]
 
 
-def finetune_config(cfg: StudyConfig, run_dir: Path | str, seed: int) -> FinetuneConfig:
-    """The finetuning config of one arm: the shared ``finetune:`` section plus the study's named data."""
+def finetune_config(cfg: StudyConfig, run_dir: Path | str, seed: int, labels: int | None = None) -> FinetuneConfig:
+    """The finetuning config of one arm: the shared ``finetune:`` section plus the study's named data; ``labels``
+    limits training to the first N cases (``data.limit_train``)."""
     st = cfg.study
-    tree = with_overrides(cfg.finetune, {"run_dir": str(run_dir), "seed": seed, "data.train": st.finetune_train.data,
-                                         "data.train_split": st.finetune_train.split, "finetune.select": st.select})
+    over = {"run_dir": str(run_dir), "seed": seed, "data.train": st.finetune_train.data,
+            "data.train_split": st.finetune_train.split, "finetune.select": st.select}
+    if labels is not None:
+        over["data.limit_train"] = labels
+    tree = with_overrides(cfg.finetune, over)
     for key in ("val", "val_split", "holdout"):
         tree.setdefault("data", {}).pop(key, None)  # the study names the validation set, nothing else does
     if st.finetune_val is not None and st.finetune_val.holdout:

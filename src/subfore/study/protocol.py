@@ -33,6 +33,30 @@ def _file_key(item: dict) -> str:
     return str(Path(image[0] if isinstance(image, list) else image).resolve())
 
 
+def label_counts(cfg: StudyConfig) -> list[int] | None:
+    """``study.label_fractions`` as numbers of labelled training cases (a share rounds to at least 1), or None
+    without label fractions; raises ConfigError for more cases than finetune_train has. A share of a datalist that
+    does not exist yet is left as None (known once the data is there)."""
+    fractions = cfg.study.label_fractions
+    if fractions is None:
+        return None
+    fcfg = finetune_config(cfg, Path(cfg.study.study_dir) / "check", 0)
+    sources = [fcfg.data.train] if isinstance(fcfg.data.train, str) else list(fcfg.data.train)
+    available = None
+    if all(Path(x).expanduser().exists() for x in sources):
+        available = len(finetune_cases(fcfg.model_copy(update={"data": fcfg.data.model_copy(
+            update={"limit_train": None})}))[0])
+    counts = []
+    for f in fractions:
+        n = int(f) if f >= 1 else (None if available is None else max(1, round(f * available)))
+        if n is not None and available is not None and n > available:
+            raise ConfigError(f"study.label_fractions: {n} labelled cases asked for, finetune_train has {available}")
+        counts.append(n)
+    if None not in counts and len(set(counts)) < len(counts):
+        raise ConfigError(f"study.label_fractions {fractions} give the same number of cases twice: {counts}")
+    return counts
+
+
 def check_protocol(cfg: StudyConfig) -> dict:
     """Resolve every role's cases without training; raise ConfigError naming the first test case that is also a
     finetuning training or validation case (the same file, or the same datalist and split for placeholders).
@@ -40,7 +64,10 @@ def check_protocol(cfg: StudyConfig) -> dict:
     Returns the protocol: case counts per role, and per test set the cases that were also pretraining data.
     """
     st = cfg.study
-    fcfg = finetune_config(cfg, Path(st.study_dir) / "check", st.seeds[0] if st.seeds else 0)
+    labels = label_counts(cfg)
+    # With label fractions, every case the largest run trains on counts as training (an unknown share: all of them).
+    most = None if labels is None else (max(labels) if None not in labels else 10**9)
+    fcfg = finetune_config(cfg, Path(st.study_dir) / "check", st.seeds[0] if st.seeds else 0, labels=most)
     d = fcfg.data
     train_src = d.train
     roles: dict[str, tuple[dict[str, str], set[str]]] = {}
@@ -65,11 +92,13 @@ def check_protocol(cfg: StudyConfig) -> dict:
     pre_files, pre_texts = _cases(st.pretrain_data + existing(st.pretrain_data_optional), pre_split)
     protocol: dict[str, Any] = {
         "finetune_train": {"data": st.finetune_train.data, "split": st.finetune_train.split,
-                           "limit_train": d.limit_train, "cases": len(roles["finetuning training"][0]) or None},
+                           "limit_train": d.limit_train if labels is None else None, "cases": len(roles["finetuning training"][0]) or None},
         "finetune_val": None if st.finetune_val is None else {
             **st.finetune_val.model_dump(exclude_none=True), "cases": len(roles["finetuning validation"][0]) or None},
         "select": st.select, "pretrain_volumes": len(pre_files) or None, "test": {}, "pretrain_overlap": {},
     }
+    if labels is not None:
+        protocol["finetune_train"]["labels"] = labels
     for t in st.test:
         if t.image:
             files = {str(Path(t.image).resolve()): case_id({"image": t.image})}
@@ -102,6 +131,8 @@ def describe_protocol(protocol: dict) -> list[str]:
     ft, val = protocol["finetune_train"], protocol["finetune_val"]
     lines = [f"finetune training: {n(ft['cases'])} cases ({ft['data']} '{ft['split']}'"
              + (f", first {ft['limit_train']}" if ft["limit_train"] else "") + ")"]
+    if "labels" in ft:
+        lines.append(f"labelled cases per finetuning run: {', '.join(n(k) for k in ft['labels'])} (the first N)")
     if val is None:
         lines.append("finetune validation: none")
     elif "holdout" in val:

@@ -22,11 +22,17 @@ def _cell(mean: float | None, std: float | None) -> str:
     return "–" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def summarize(results: list[dict], out: Path, protocol: dict | None = None) -> None:
-    """results.json, results.md (arms × classes, mean ± std over seeds, best in bold), dice.png, curves.png."""
+def summarize(results: list[dict], out: Path, protocol: dict | None = None, provenance: dict | None = None) -> None:
+    """results.json, results.md (arms × classes, mean ± std over seeds, best in bold), dice.png, curves.png; with
+    label fractions also labels.md's tables and labels.png (Dice against labelled cases per arm)."""
     arms = list(dict.fromkeys(r["arm"] for r in results))
     tests = list(dict.fromkeys(t for r in results for t in r["tests"]))
-    write_json(out / "results.json", {"arms": arms, "protocol": protocol, "runs": results})
+    write_json(out / "results.json", {"arms": arms, "protocol": protocol, **(provenance or {}), "runs": results})
+    counts = sorted({r["labels"] for r in results if "labels" in r})
+    if counts:
+        _labels(results, arms, tests, counts, out, protocol)
+        # The per-class tables and curves below read the largest labelled set, the study's full-label runs.
+        results = [r for r in results if r.get("labels") == counts[-1]]
     md = ["# Study results", "", "Dice (%) per class, mean ± std over seeds; best mean per column in **bold**. "
           "A class absent from a test set's ground truth is excluded (–).", ""]
     if protocol:
@@ -89,3 +95,57 @@ def _plots(results, arms, tests, summary, out: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "curves.png", dpi=110)
+
+
+def _labels(results, arms, tests, counts, out: Path, protocol) -> None:
+    """labels.md: mean Dice ± std over seeds per arm and number of labelled cases, and each arm − scratch paired by
+    seed; labels.png: mean Dice against labelled cases per arm and test set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def dice(arm, n, test):
+        return {r["seed"]: r["tests"][test]["mean_dice"] for r in results
+                if r["arm"] == arm and r.get("labels") == n and test in r["tests"]}
+
+    md = ["# Dice against labelled finetuning cases", "",
+          "Mean Dice (%) over seeds ± std, per arm and number of labelled cases; then each arm minus scratch, "
+          "paired by seed (mean ± std of the per-seed differences, and the per-seed values).", ""]
+    if protocol:
+        md += ["Protocol:", ""] + [f"- {line}" for line in describe_protocol(protocol)] + [""]
+    fig, axes = plt.subplots(1, len(tests), figsize=(5 * max(1, len(tests)), 4), squeeze=False)
+    for test, ax in zip(tests, axes[0]):
+        rows = []
+        for arm in arms:
+            cells = [_mean_std(list(dice(arm, n, test).values())) for n in counts]
+            rows.append((arm, [(m, _cell(m, s)) for m, s in cells]))
+            ax.errorbar(counts, [100 * m if m is not None else float("nan") for m, _ in cells],
+                        yerr=[100 * (s or 0) for _, s in cells], label=arm, marker="o", capsize=3,
+                        color=f"C{arms.index(arm) % 10}")
+        md += [f"## {test}", ""] + markdown_table("arm", [f"{n} labelled" for n in counts], rows) + [""]
+        if "scratch" in arms:
+            md += [f"### {test}: arm − scratch, paired by seed", "", "| arm | " + " | ".join(
+                f"{n} labelled" for n in counts) + " |", "|---|" + "---|" * len(counts)]
+            for arm in arms:
+                if arm == "scratch":
+                    continue
+                cells = []
+                for n in counts:
+                    a, s = dice(arm, n, test), dice("scratch", n, test)
+                    diffs = [100 * (a[k] - s[k]) for k in sorted(set(a) & set(s))
+                             if a[k] is not None and s[k] is not None]
+                    m, sd = _mean_std([d / 100 for d in diffs])
+                    cells.append("–" if m is None else f"{100 * m:+.1f} ± {100 * sd:.1f} ("
+                                 + ", ".join(f"{d:+.1f}" for d in diffs) + ")")
+                md.append(f"| {arm} | " + " | ".join(cells) + " |")
+            md.append("")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(n) for n in counts])
+        ax.set_xlabel("labelled finetuning cases")
+        ax.set_ylabel("mean Dice (%)")
+        ax.set_title(test)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out / "labels.png", dpi=110)
+    write_text(out / "labels.md", "\n".join(md))

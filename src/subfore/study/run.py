@@ -1,7 +1,8 @@
 """The masking study: pretrain → finetune → evaluate for every arm and seed, with identical budgets.
 
 Each (arm, seed) runs in ``STUDY_DIR/ARM/seedS/``; its ``result.json`` is the completion marker, so an
-interrupted study resumes where it stopped. Arms are strategy names with ``+`` modifiers:
+interrupted study resumes where it stopped. With ``study.label_fractions`` an arm and seed pretrains once
+(``seedS/pretrain``) and finetunes once per number of labelled cases N (``seedS/labelsN/``, its own result.json). Arms are strategy names with ``+`` modifiers:
 ``scratch`` (no pretraining), ``random``, ``block``, ``foreground``, ``foreground+otsu`` (λ by Otsu),
 ``anatomask``, ``hpm``, ``anatomask+gate`` / ``hpm+gate`` (foreground-gated teachers).
 """
@@ -23,27 +24,45 @@ from ..io import read_jsonl, write_json
 from ..models.artifact import read_encoder
 from ..pretrain import pretrain
 from ..probe import PROBE_VERSION, Probe, load_into
+from ..provenance import code_version
 from .config import StudyConfig, existing, with_overrides, expand_arms, finetune_config, parse_arm
-from .protocol import check_protocol, describe_protocol
+from .protocol import check_protocol, describe_protocol, label_counts
 from .report import summarize
 
 log = logging.getLogger(__name__)
 
 
-def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
-    """Pretrain (unless scratch), finetune and evaluate one arm and seed; write and return its result."""
+def run_dir(cfg: StudyConfig, arm: str, seed: int, labels: int | None = None) -> Path:
+    """Where one run's result.json lies: ``STUDY_DIR/ARM/seedS`` (``/labelsN`` with label fractions)."""
+    run = Path(cfg.study.study_dir) / arm / f"seed{seed}"
+    return run if labels is None else run / f"labels{labels}"
+
+
+def pretrain_arm(cfg: StudyConfig, arm: str, over: dict, seed: int) -> tuple[Path, float]:
+    """Pretrain one arm and seed (resuming a half-finished run; a finished one is only reread); (encoder, seconds)."""
     st = cfg.study
-    run = Path(st.study_dir) / arm / f"seed{seed}"
     t0 = time.time()
-    encoder = None
+    tree = with_overrides(cfg.pretrain, {**over, "run_dir": str(run_dir(cfg, arm, seed) / "pretrain"), "seed": seed})
+    tree.setdefault("data", {})["train"] = st.pretrain_data + existing(st.pretrain_data_optional)
+    pcfg = load_config(None, [], PretrainConfig, base=tree)
+    encoder = pretrain(pcfg, resume="auto")
+    return encoder, time.time() - t0
+
+
+def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int, labels: int | None = None,
+            probe: dict | None = None) -> dict:
+    """Pretrain (unless scratch), finetune and evaluate one arm and seed (on ``labels`` cases); write its result."""
+    st = cfg.study
+    base = run_dir(cfg, arm, seed)
+    run = run_dir(cfg, arm, seed, labels)
+    t0 = time.time()
+    encoder, pre_s = None, 0.0
     pre_curve: list = []
     if over is not None:
-        tree = with_overrides(cfg.pretrain, {**over, "run_dir": str(run / "pretrain"), "seed": seed})
-        tree.setdefault("data", {})["train"] = st.pretrain_data + existing(st.pretrain_data_optional)
-        pcfg = load_config(None, [], PretrainConfig, base=tree)
-        encoder = pretrain(pcfg, resume="auto")
-        pre_curve = _curve(run / "pretrain" / "metrics.jsonl", "loss")
-    fcfg = finetune_config(cfg, run / "finetune", seed)
+        encoder, pre_s = pretrain_arm(cfg, arm, over, seed)
+        pre_curve = _curve(base / "pretrain" / "metrics.jsonl", "loss")
+    t1 = time.time()
+    fcfg = finetune_config(cfg, run / "finetune", seed, labels)
     # A half-finished run (pretraining or finetuning) continues exactly where it stopped.
     best = finetune(fcfg, pretrained=encoder, resume="auto")
     tests = {}
@@ -60,11 +79,14 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int) -> dict:
                      device=device_for(fcfg.train.accelerator))
         tests[t.name] = {"dice": r["mean"]["dice"], "nsd": r["mean"]["nsd"], "mean_dice": r["mean"]["mean_dice"],
                          "mean_nsd": r["mean"]["mean_nsd"], "classes": r["classes"]}
-    result = {"arm": arm, "seed": seed, "checkpoint": best.name, "tests": tests, "pretrain_loss": pre_curve,
+    result = {"arm": arm, "seed": seed, **({} if labels is None else {"labels": labels}), "checkpoint": best.name,
+              "tests": tests, "pretrain_loss": pre_curve,
               "finetune_val_dice": _curve(run / "finetune" / "metrics.jsonl", "val_dice"),
-              "wall_s": round(time.time() - t0, 1)}
+              # pretrain_s: this call's pretraining (0 when an earlier label count already pretrained this seed).
+              "wall_s": round(time.time() - t0, 1), "pretrain_s": round(pre_s, 1),
+              "finetune_s": round(time.time() - t1, 1), "code": code_version()}
     if st.probe is not None:
-        result["probe"] = probe_arm(cfg, arm, seed)
+        result["probe"] = probe if probe is not None else probe_arm(cfg, arm, seed)
     _write_result(run, result)
     return result
 
@@ -112,19 +134,45 @@ def study(cfg: StudyConfig) -> Path:
     for line in describe_protocol(protocol):
         (log.warning if line.startswith("warning") else log.info)(line)
         print(line, flush=True)
+    counts = label_counts(cfg) or [None]
     results = []
     for arm, over in expand_arms(cfg):
         for seed in st.seeds:
-            marker = out / arm / f"seed{seed}" / "result.json"
-            if marker.exists():
-                log.warning("skipping finished %s seed %d", arm, seed)
-                done = json.loads(marker.read_text())
-                if st.probe is not None and _stale_probe(done):  # finished before this probe was configured
-                    done["probe"] = probe_arm(cfg, arm, seed)
-                    _write_result(marker.parent, done)
-                results.append(done)
-                continue
-            print(f"== {arm}, seed {seed}", flush=True)
-            results.append(run_one(cfg, arm, over, seed))
-    summarize(results, out, protocol)
+            probe = None  # one probe per arm and seed: it does not depend on the labelled cases
+            for labels in counts:
+                marker = run_dir(cfg, arm, seed, labels) / "result.json"
+                if marker.exists():
+                    log.warning("skipping finished %s seed %d%s", arm, seed, "" if labels is None else f" labels {labels}")
+                    done = json.loads(marker.read_text())
+                    if st.probe is not None and _stale_probe(done):  # finished before this probe was configured
+                        done["probe"] = probe or probe_arm(cfg, arm, seed)
+                        _write_result(marker.parent, done)
+                    probe = done.get("probe") or probe
+                    results.append(done)
+                    continue
+                print(f"== {arm}, seed {seed}" + ("" if labels is None else f", {labels} labelled cases"), flush=True)
+                results.append(run_one(cfg, arm, over, seed, labels, probe=probe))
+                probe = results[-1].get("probe")
+    summarize(results, out, protocol, provenance(cfg, protocol))
     return out
+
+
+def provenance(cfg: StudyConfig, protocol: dict) -> dict:
+    """What results.json records of its origin: the code now, the study config, and sha256 of every file read."""
+    from ..data.datalist import load_datalists
+    from ..finetune.data import finetune_cases
+    from ..provenance import items_digest
+
+    st = cfg.study
+    fcfg = finetune_config(cfg, Path(st.study_dir) / "check", st.seeds[0] if st.seeds else 0)
+    train, val = finetune_cases(fcfg.model_copy(update={"data": fcfg.data.model_copy(update={"limit_train": None})}))
+    pre_split = cfg.pretrain.get("data", {}).get("train_split", "training")
+    data = {"pretrain": items_digest(load_datalists(st.pretrain_data + existing(st.pretrain_data_optional), pre_split)),
+            "finetune_train": items_digest(train), "finetune_val": items_digest(val or [])}
+    for t in st.test:
+        if t.image:
+            if Path(t.image).exists() and Path(t.label).exists():
+                data[f"test {t.name}"] = items_digest([{"image": t.image, "label": t.label}])
+        elif not t.optional or all(Path(x).exists() for x in ([t.data] if isinstance(t.data, str) else t.data)):
+            data[f"test {t.name}"] = items_digest(load_datalists(t.data, t.split))
+    return {"code": code_version(), "config": cfg.model_dump(mode="json"), "data": data}

@@ -1,0 +1,50 @@
+"""Where a result came from: the code version (commit, dirty flag) and digests of the files a run read."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+from . import __version__
+
+_SOURCE = Path(__file__).resolve().parent
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    """{"version", "commit", "dirty"}: the git commit of this package's source tree and whether it has uncommitted
+    changes; commit and dirty are None for an installed (non-git) copy."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(_SOURCE), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"version": __version__, "commit": None, "dirty": None}
+    # Only the package's own files and the configs a run may read count; an untracked run directory does not.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", str(_SOURCE.parents[1]))
+    return {"version": __version__, "commit": commit.strip(), "dirty": bool(status and status.strip())}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def items_digest(items: list[dict]) -> dict[str, str]:
+    """{resolved path: sha256} of every image and label file the datalist items name."""
+    paths: list[str] = []
+    for item in items:
+        for key in ("image", "label"):
+            value = item.get(key)
+            paths += [] if value is None else value if isinstance(value, list) else [value]
+    return {str(Path(p).resolve()): file_digest(p) for p in dict.fromkeys(paths) if Path(p).is_file()}
