@@ -46,6 +46,14 @@ STUDY = [f"study.phantoms=[{_STUDY_PHANTOMS}]", "study.pretrain_data_optional=[]
                                      "train.val_every=2", "train.ckpt_every=2", "finetune.sw_overlap=0"))]
 
 
+# UNETR lines: a tiny ViT (and MAE decoder) at the same 32³.
+UNETR = ["model.feature_size=4", "model.hidden_size=48", "model.mlp_dim=96", "model.num_heads=4",
+         "decoder.width=48", "decoder.depth=1", "decoder.heads=4"]
+# The tiny study phantoms hold 1 labelled finetuning case, so the UNETR study runs at 1.
+STUDY_UNETR = STUDY + [f"pretrain.{o}" for o in UNETR] + [f"finetune.{o}" for o in UNETR if o.startswith("model.")] + [
+    "study.label_fractions=[1]"]
+
+
 def _sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
@@ -62,6 +70,9 @@ TINY = {
     "predict": [],
     "study": _sets(STUDY),
     "study --check": [],
+    "study --reproduce": [],
+    "study unetr": _sets(STUDY_UNETR),
+    "pretrain unetr": _sets([o for o in PRETRAIN if not o.startswith("model.")] + UNETR + ["train.max_steps=2"]),
     "probe": ["--steps", "20", "--device", "cpu"],
     "fingerprint": ["--crops", "4"],
     "preprocess": _sets(PRETRAIN),
@@ -117,6 +128,10 @@ def command_of(argv: list[str]) -> str:
         return f"{name} --resume"
     if name == "study" and "--check" in args:
         return "study --check"
+    if name == "study" and "--reproduce" in args:
+        return "study --reproduce"
+    if name in ("pretrain", "study") and any("unetr" in a for a in args):
+        return f"{name} unetr"
     if name == "pretrain" and any("resenc" in a for a in args):
         return "pretrain resenc"
     return name
@@ -309,6 +324,41 @@ def check_study_check(cwd: Path, p: dict, before) -> None:
     assert not (cwd / cfg.study.study_dir).exists()  # resolved, not run
 
 
+def check_study_unetr(cwd: Path, p: dict, before) -> None:
+    from subfore.config import load_config
+    from subfore.study import StudyConfig
+
+    check_study(cwd, p, before)
+    cfg = load_config(cwd / p["config"], list(p["set_"] or []), StudyConfig)
+    out = cwd / cfg.study.study_dir
+    assert all(r["labels"] == 1 for r in json.loads((out / "results.json").read_text())["runs"])
+    _png(out / "labels.png")
+    encoding = {arm: yaml.safe_load((out / arm / "seed0" / "pretrain" / "config.yaml").read_text())["model"]["encoding"]
+                for arm in ("mae", "simmim")}
+    assert encoding == {"mae": "visible", "simmim": "dense"}
+
+
+def check_study_reproduce(cwd: Path, p: dict, before) -> None:
+    from subfore.study import compare
+
+    recorded = json.loads((cwd / p["reproduce"]).read_text())
+    run = next(r for r in recorded["runs"] if r["arm"] == p["arm"] and r["seed"] == p["seed"])
+    rerun = json.loads((cwd / "runs" / "reproduce" / f"{p['arm']}_seed{p['seed']}" / p["arm"] / f"seed{p['seed']}"
+                        / "result.json").read_text())
+    rows = compare(run, rerun)
+    assert len(rows) > 20 and all(ok for *_, ok in rows), [r for r in rows if not r[-1]]
+
+
+def check_pretrain_unetr(cwd: Path, p: dict, before) -> None:
+    from subfore.models.weights import read_state_dict
+
+    check_pretrain(cwd, p, before)
+    run = cwd / _pretrain_cfg(cwd, p).run_dir
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["encoding"] == "visible"
+    keys = set(read_state_dict(run / "encoder.pt"))
+    assert keys and all(k.startswith("vit.") for k in keys)  # the MAE decoder is not exported
+
+
 def check_probe(cwd: Path, p: dict, before) -> None:
     out = cwd / p["out"]
     result = json.loads(out.read_text())
@@ -350,6 +400,9 @@ CHECKS = {
     "predict": check_predict,
     "study": check_study,
     "study --check": check_study_check,
+    "study --reproduce": check_study_reproduce,
+    "study unetr": check_study_unetr,
+    "pretrain unetr": check_pretrain_unetr,
     "probe": check_probe,
     "fingerprint": check_fingerprint,
     "preprocess": check_preprocess,

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REAL_CT, REAL_SEG, needs_real_ct
 
 SUBFORE = str(Path(sys.executable).with_name("subfore"))
 FAULTS = Path(__file__).parent / "faults"
@@ -387,3 +388,53 @@ def test_draws_depend_on_seed_and_index_only(phantom_dir, tmp_path):
     assert not torch.equal(crop(a, 5), crop(other, 5))
     same_volume = [g for g in range(3, 6) if a.volume_of(g) == a.volume_of(0)][0]
     assert not torch.equal(crop(a, 0), crop(a, same_volume))  # the same volume in the next epoch: another crop
+
+
+# MAE on a tiny UNETR: 64³ crops, so 64 patches of 16³ and two ranks' masks do not coincide by chance.
+VISIBLE = {"model": {"name": "unetr", "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4,
+                     "encoding": "visible"},
+           "decoder": {"width": 48, "depth": 1, "heads": 4}, "data": {"roi": [64, 64, 64]},
+           "masking": {"strategy": "anatomask", "subvolume_size": 16, "loss": "mse", "norm_pix_loss": True}}
+
+
+def test_visible_encoding_on_two_processes_stops_and_resumes_exactly(phantom_dir, tmp_path):
+    ref = write_config(tmp_path / "vref.yaml", phantom_dir, **VISIBLE, train={**TWO, "max_steps": 4})
+    ok(subfore("pretrain", "--config", ref))
+    train = [x for x in rows(run_dir(ref)) if "loss" in x]
+    assert [x["step"] for x in train] == [1, 2, 3, 4]
+    assert all(x["rank_mask_digest"][0] != x["rank_mask_digest"][1] for x in train)
+    digests = rows(run_dir(ref))[-1]["replica_digests"]
+    assert digests["net"][0] == digests["net"][1] and digests["teacher"][0] == digests["teacher"][1]
+    cfg = write_config(tmp_path / "vstop.yaml", phantom_dir, **VISIBLE, train={**TWO, "max_steps": 4})
+    stopped = subfore("pretrain", "--config", cfg, fault="sigterm@3:0")
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert ckpt_step(run_dir(cfg) / "checkpoints" / "last.ckpt") == 3
+    ok(subfore("pretrain", "--config", cfg, "--resume"))
+    assert_same_losses(losses(run_dir(cfg)), losses(run_dir(ref)))
+
+
+@needs_real_ct
+def test_visible_encoding_on_the_real_ct_then_finetune_loads_every_vit_tensor(tmp_path):
+    """The shipped SubFore defaults (foreground ρ 0.6, λ 0.1) with MAE's encoding, on the real abdominal CT."""
+    vis = {**VISIBLE, "masking": {"strategy": "foreground", "subvolume_size": 16},
+           "data": {"train": str(REAL_CT), "roi": [64, 64, 64], "spacing": [3.0, 3.0, 3.0], "cache_dir": None}}
+    cfg = write_config(tmp_path / "ct.yaml", tmp_path, **vis, train={"max_steps": 2, "ckpt_every": 2})
+    ok(subfore("pretrain", "--config", cfg))
+    run = run_dir(cfg)
+    assert [x["step"] for x in rows(run) if "loss" in x] == [1, 2]
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["encoding"] == "visible"
+    ft = {"model": {**{k: v for k, v in VISIBLE["model"].items() if k != "encoding"}, "out_channels": 3},
+          "data": {"train": str(tmp_path / "ft.json"), "roi": [64, 64, 64], "spacing": [3.0, 3.0, 3.0],
+                   "cache_dir": None, "label_map": {1: 1, 5: 2}}, "train": {"max_steps": 1, "val_every": 10}}
+    (tmp_path / "ft.json").write_text(json.dumps({"training": [{"image": str(REAL_CT), "label": str(REAL_SEG)}]}))
+    fcfg = write_config(tmp_path / "ft.yaml", tmp_path, kind="finetune", **ft)
+    cfg_tree = yaml.safe_load(fcfg.read_text())
+    cfg_tree["data"].pop("val"), cfg_tree["data"].pop("val_split")
+    fcfg.write_text(yaml.safe_dump(cfg_tree))
+    proc = ok(subfore("finetune", "--config", fcfg, "--pretrained", run))
+    report = (run_dir(fcfg) / "pretrained_load.txt").read_text()
+    from subfore.models.weights import read_state_dict
+
+    vit = [k for k in read_state_dict(run / "encoder.pt") if k.startswith("vit.")]
+    assert len(vit) > 20 and f"({len(vit)}/{len(vit)} of the encoder)" in report, report
+    assert "not part of an MAE pretraining" in report and "decoder" in proc.stdout + proc.stderr

@@ -175,14 +175,19 @@ class Probe:
         return self.run(self.network(seed=self.settings.seed))
 
 
-def load_into(net: nn.Module, state: dict[str, torch.Tensor], name: str, source: str | Path) -> None:
-    """Load an encoder state into ``net`` of family ``name``: everything but the output layer must fit."""
+def load_into(net: nn.Module, state: dict[str, torch.Tensor], name: str, source: str | Path,
+              encoding: str = "dense") -> None:
+    """Load an encoder state into ``net`` of family ``name``: everything but the output layer must fit; of a
+    ``visible`` (MAE) pretraining only the ViT was trained, so the rest of ``net`` stays at its (seeded) init."""
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor of another shape than the architecture its metadata names
         first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
         raise SubforeError(f"{source}: does not fit the architecture it names ({first})") from None
-    head = backbone_spec(name).head
+    spec = backbone_spec(name)
+    head = spec.head
+    if encoding == "visible":
+        missing = [k for k in missing if k.startswith(spec.encoder)]
     if unexpected or any(not k.startswith(head) for k in missing):
         bad = (unexpected or [k for k in missing if not k.startswith(head)])[0]
         raise SubforeError(f"{source}: does not fit the architecture of its encoder.json (e.g. {bad})")
@@ -193,7 +198,7 @@ def probe_encoder(encoder: str | Path, settings: ProbeSettings, out: str | Path,
     meta, state = read_encoder(encoder)
     probe = Probe(settings, meta.model, meta.in_channels, meta.roi, meta.preset, device)
     net = probe.network(seed=settings.seed)
-    load_into(net, state, meta.name, encoder)
+    load_into(net, state, meta.name, encoder, meta.model.get("encoding", "dense"))
     pretrained = probe.run(net)
     baseline = probe.baseline()
     diff = None if pretrained["mean_dice"] is None or baseline["mean_dice"] is None else \

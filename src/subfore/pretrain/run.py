@@ -40,7 +40,8 @@ class RunArtifacts(Callback):
             self._probe = Probe(cfg.probe, cfg.model, cfg.data.channels, cfg.data.roi, cfg.data.preset_obj(),
                                 pl_module.device)
         net = self._probe.network()
-        load_into(net, pl_module.backbone.encoder_state(pl_module.net), cfg.model.name, self.run_dir)
+        load_into(net, pl_module.backbone.encoder_state(pl_module.net), cfg.model.name, self.run_dir,
+                  cfg.model.encoding)
         row = {"step": step, "probe_dice": self._probe.run(net)["mean_dice"]}
         metrics = self.run_dir / "metrics.jsonl"
         base = next((r["probe_baseline"] for r in read_jsonl(metrics) if "probe_baseline" in r), None)

@@ -111,7 +111,7 @@ def probe_arm(cfg: StudyConfig, arm: str, seed: int) -> dict:
     encoder = Path(st.study_dir) / arm / f"seed{seed}" / "pretrain" / "encoder.pt"
     if parse_arm(arm) is not None:
         _, state = read_encoder(encoder)
-        load_into(net, state, pcfg.model.name, encoder)
+        load_into(net, state, pcfg.model.name, encoder, pcfg.model.encoding)
     return {**probe.run(net), "version": PROBE_VERSION}
 
 
