@@ -14,8 +14,8 @@ _SOURCE = Path(__file__).resolve().parent
 
 @lru_cache(maxsize=1)
 def code_version() -> dict:
-    """{"version", "commit", "dirty"}: the git commit of this package's source tree and whether it has uncommitted
-    changes; commit and dirty are None for an installed (non-git) copy."""
+    """{"version", "commit", "dirty"}: the git commit of this package's source tree and whether its source, configs
+    or dependency pins have uncommitted changes; commit and dirty are None for an installed (non-git) copy."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", "-C", str(_SOURCE), *args], capture_output=True, text=True, timeout=20)
@@ -26,8 +26,11 @@ def code_version() -> dict:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"version": __version__, "commit": None, "dirty": None}
-    # Only the package's own files and the configs a run may read count; an untracked run directory does not.
-    status = git("status", "--porcelain", "--untracked-files=no", "--", str(_SOURCE.parents[1]))
+    # What can move a number: the package's source, the shipped configs and the pinned dependencies. Docs, tests
+    # and untracked run directories do not count.
+    root = _SOURCE.parents[1]
+    status = git("status", "--porcelain", "--untracked-files=no", "--", str(_SOURCE),
+                 *(str(root / p) for p in ("configs", "pyproject.toml", "constraints.txt")))
     return {"version": __version__, "commit": commit.strip(), "dirty": bool(status and status.strip())}
 
 
