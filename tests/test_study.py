@@ -160,6 +160,10 @@ def test_arm_names_and_sweeps(phantom_dir, tmp_path):
     assert parse_arm("scratch") is None
     assert parse_arm("foreground+otsu") == {"masking.strategy": "foreground", "masking.threshold": "otsu"}
     assert parse_arm("anatomask+gate") == {"masking.strategy": "anatomask", "masking.gate": "foreground"}
+    assert parse_arm("foreground+visible") == {"masking.strategy": "foreground", "model.encoding": "visible"}
+    assert parse_arm("mae") == {"masking.strategy": "random", "masking.ratio": 0.75, "model.encoding": "visible",
+                                "masking.loss": "mse", "masking.norm_pix_loss": True}
+    assert parse_arm("subfore") == parse_arm("foreground")
     cfg = load_config(None, [], StudyConfig, base=micro(phantom_dir, tmp_path, sweep={"masking.ratio": [0.4, 0.8]}))
     assert [a for a, _ in expand_arms(cfg)] == ["scratch", "foreground[masking.ratio=0.4]", "foreground[masking.ratio=0.8]"]
     with pytest.raises(ConfigError, match="unknown strategy 'checker'"):
@@ -168,7 +172,8 @@ def test_arm_names_and_sweeps(phantom_dir, tmp_path):
         load_config(None, ["study.arms=[random+fast]"], StudyConfig, base=micro(phantom_dir, tmp_path))
 
 
-@pytest.mark.parametrize("name", ["cpu_small", "paper_btcv", "paper_flare22", "paper_amos22", "paper_mmwhs", "paper_brats"])
+@pytest.mark.parametrize("name", ["cpu_small", "unetr_cpu", "paper_btcv", "paper_unetr", "paper_flare22", "paper_amos22",
+                                  "paper_mmwhs", "paper_brats"])
 def test_shipped_study_configs_build_valid_arm_configs(name):
     from pathlib import Path
 
@@ -177,12 +182,23 @@ def test_shipped_study_configs_build_valid_arm_configs(name):
 
     root = Path(__file__).parents[1] / "configs"
     cfg = load_config(root / "study" / f"{name}.yaml", [], StudyConfig)
-    assert cfg.study.seeds == [0, 1, 2] and "scratch" in cfg.study.arms and "foreground" in cfg.study.arms
+    assert cfg.study.seeds == [0, 1, 2] and "scratch" in cfg.study.arms
+    strategies = set()
     for arm, over in expand_arms(cfg):
         if over:
             tree = {**cfg.pretrain, "data": {**cfg.pretrain["data"], "train": "x"}}
             pc = load_config(None, [f"{k}={v}" for k, v in over.items()], PretrainConfig, base=tree)
             assert pc.masking.strategy == over["masking.strategy"]
+            strategies.add(pc.masking.strategy)
+            if arm == "mae":
+                assert (pc.model.encoding, pc.masking.ratio, pc.masking.loss, pc.masking.norm_pix_loss) == (
+                    "visible", 0.75, "mse", True)
+            if arm == "simmim":
+                assert (pc.model.encoding, pc.masking.ratio, pc.masking.loss, pc.masking.fill) == (
+                    "dense", 0.6, "l1", "token")
+    assert "foreground" in strategies  # SubFore is in every study
+    if name in ("unetr_cpu", "paper_unetr"):
+        assert {"mae", "simmim"} <= set(cfg.study.arms)
     ft = load_config(None, [], FinetuneConfig, base={**cfg.finetune, "data": {**cfg.finetune["data"], "train": "x"}})
     assert ft.model.out_channels >= 3
 
