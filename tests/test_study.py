@@ -223,14 +223,21 @@ def test_label_fractions_pretrain_once_finetune_per_count_and_pair_by_seed(phant
     assert results["protocol"]["finetune_train"]["labels"] == [1, 2]
     assert sorted((r["arm"], r["seed"], r["labels"]) for r in results["runs"]) == [
         (a, s, n) for a in ("foreground", "scratch") for s in (0, 1) for n in (1, 2)]
+    import yaml
+
+    by = {(r["arm"], r["seed"], r["labels"]): r for r in results["runs"]}
     for seed in (0, 1):
         steps = [json.loads(x)["step"] for x in (out / "foreground" / f"seed{seed}" / "pretrain" / "metrics.jsonl")
                  .read_text().splitlines() if "loss" in json.loads(x)]
-        assert steps == [1, 2]  # pretrained once, not once per label count
+        assert steps == [1, 2]
+        # Pretrained once: the second label count reuses the finished pretraining without touching it.
+        first, second = by["foreground", seed, 1], by["foreground", seed, 2]
+        assert first["pretrain_s"] > 0 and second["pretrain_s"] == 0
+        assert second["pretrain_loss"] == first["pretrain_loss"] and [p[0] for p in first["pretrain_loss"]] == [1, 2]
+        assert not list((out / "foreground" / f"seed{seed}").glob("labels*/pretrain"))
         for n in (1, 2):
             run = out / "foreground" / f"seed{seed}" / f"labels{n}"
-            assert (run / "result.json").exists()
-            assert "limit_train: " + str(n) in (run / "finetune" / "config.yaml").read_text()
+            assert yaml.safe_load((run / "finetune" / "config.yaml").read_text())["data"]["limit_train"] == n
     # The paired table: each arm − scratch per seed, from the runs' own mean Dice.
     dice = {(r["arm"], r["seed"], r["labels"]): r["tests"]["phantoms"]["mean_dice"] for r in results["runs"]}
     diffs = [100 * (dice["foreground", s, 1] - dice["scratch", s, 1]) for s in (0, 1)]
@@ -250,10 +257,21 @@ def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phan
     tree["study"]["probe"]["steps"] = 5
     out = study(load_config(None, [], StudyConfig, base=tree))
     results = json.loads((out / "results.json").read_text())
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout  # noqa: E731
     code = results["runs"][0]["code"]
-    assert len(code["commit"]) == 40 and isinstance(code["dirty"], bool)
+    assert code == results["code"] and code["commit"] == git("rev-parse", "HEAD").strip()
+    assert code["dirty"] == bool(git("status", "--porcelain", "-uno", "--", "src/subfore", "configs", "pyproject.toml",
+                                     "constraints.txt").strip())
+    assert StudyConfig.model_validate(results["config"]).model_dump() == load_config(
+        None, [], StudyConfig, base=tree).model_dump()
     image = phantom_dir / json.loads((phantom_dir / "dataset.json").read_text())["validation"][0]["image"]
     assert results["data"]["test phantoms"][str(image.resolve())] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert set(results["data"]["finetune_train"]) == {  # 2 cases trained, each image and label
+        str((phantom_dir / f"{kind}Tr" / f"phantom_00{i}.nii.gz").resolve()) for kind in ("images", "labels")
+        for i in (0, 1)}
     cmd = ["subfore", "study", "--reproduce", str(out / "results.json"), "--arm", "foreground", "--seed", "0"]
     ok = subprocess.run([*cmd, "--out", str(tmp_path / "again")], capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -266,3 +284,43 @@ def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phan
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 1 and "DIFFERS phantoms dice liver" in bad.stdout
     assert f"{total - 1} of {total} numbers match" in bad.stdout
+    assert "data: the same files, each with its recorded sha256" in ok.stdout
+
+
+def test_reproduce_names_a_data_file_whose_contents_changed(phantom_dir, tmp_path):
+    import shutil
+    import subprocess
+
+    import nibabel as nib
+
+    data = shutil.copytree(phantom_dir, tmp_path / "phantoms")
+    tree = micro(data, tmp_path, arms=["scratch"])
+    tree["study"].pop("probe")
+    out = study(load_config(None, [], StudyConfig, base=tree))
+    image = data / json.loads((data / "dataset.json").read_text())["validation"][0]["image"]
+    img = nib.load(image)
+    nib.save(nib.Nifti1Image(img.get_fdata() + 1.0, img.affine), image)  # the test case, 1 HU brighter
+    proc = subprocess.run(["subfore", "study", "--reproduce", str(out / "results.json"), "--arm", "scratch", "--seed",
+                           "0", "--out", str(tmp_path / "again")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"data differs: test phantoms: {image.resolve()} has other contents (sha256)" in proc.stdout
+    bad = subprocess.run(["subfore", "study", "--reproduce", str(out / "scratch" / "seed0" / "result.json"),
+                          "--arm", "scratch", "--seed", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 1 and "not a study's results.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_labels_table_pairs_each_arm_with_scratch_by_seed(tmp_path):
+    from subfore.study import summarize
+
+    def run(arm, seed, labels, dice):
+        test = {"mean_dice": dice, "mean_nsd": 0.0, "dice": {}, "nsd": {}, "classes": []}
+        return {"arm": arm, "seed": seed, "labels": labels, "tests": {"t": test}, "pretrain_loss": [],
+                "finetune_val_dice": []}
+
+    # Listed out of seed order; pairing by position or by sorted value would give other differences.
+    results = [run("foreground", 1, 1, 0.10), run("scratch", 0, 1, 0.25), run("foreground", 0, 1, 0.30),
+               run("scratch", 1, 1, 0.20), *(run(a, s, 4, 0.5) for a in ("scratch", "foreground") for s in (0, 1))]
+    summarize(results, tmp_path)
+    md = (tmp_path / "labels.md").read_text()
+    assert "| foreground | -2.5 ± 10.6 (+5.0, -10.0) | +0.0 ± 0.0 (+0.0, +0.0) |" in md
+    assert "| foreground | 20.0 ± 14.1 | **50.0 ± 0.0** |" in md

@@ -24,7 +24,10 @@ def code_version() -> dict:
         return out.stdout if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    if commit is None:
+    top = git("rev-parse", "--show-toplevel")
+    tracked = git("ls-files", "--error-unmatch", "--", str(Path(__file__).resolve()))
+    # A copy installed into a venv inside some checkout is not that checkout's code.
+    if commit is None or top is None or Path(top.strip()).resolve() != _SOURCE.parents[1] or tracked is None:
         return {"version": __version__, "commit": None, "dirty": None}
     # What can move a number: the package's source, the shipped configs and the pinned dependencies. Docs, tests
     # and untracked run directories do not count.
@@ -43,11 +46,21 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def data_key(path: str | Path) -> str:
+    """A file's name in a record: relative to the working directory when inside it (so a study run from the root
+    of another clone names the same files), else absolute."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
+
+
 def items_digest(items: list[dict]) -> dict[str, str]:
-    """{resolved path: sha256} of every image and label file the datalist items name."""
+    """{file (:func:`data_key`): sha256} of every image and label file the datalist items name."""
     paths: list[str] = []
     for item in items:
         for key in ("image", "label"):
             value = item.get(key)
             paths += [] if value is None else value if isinstance(value, list) else [value]
-    return {str(Path(p).resolve()): file_digest(p) for p in dict.fromkeys(paths) if Path(p).is_file()}
+    return {data_key(p): file_digest(p) for p in dict.fromkeys(paths) if Path(p).is_file()}

@@ -69,7 +69,8 @@ def study(
     check: bool = typer.Option(False, "--check", help="resolve the protocol (which case plays which role) and exit; "
                                "fails when a test case also trains or selects the checkpoint"),
     reproduce: Optional[Path] = typer.Option(None, "--reproduce", help="a study's results.json: rerun one of its runs "
-                                             "(--arm, --seed) from the config it records and compare every number"),
+                                             "(--arm, --seed) from the config it records (with --set overrides) "
+                                             "and compare every number; run it where the study ran"),
     arm: Optional[str] = typer.Option(None, "--arm", help="with --reproduce: the arm"),
     seed: Optional[int] = typer.Option(None, "--seed", help="with --reproduce: the seed"),
     labels: Optional[int] = typer.Option(None, "--labels", help="with --reproduce: the number of labelled cases "
@@ -92,7 +93,7 @@ def study(
         if arm is None or seed is None:
             raise typer.BadParameter("--reproduce needs --arm and --seed")
         cfg = load_config(config, set_ or [], StudyConfig) if config else None
-        report = rerun(reproduce, arm, seed, labels, out, cfg)
+        report = rerun(reproduce, arm, seed, labels, out, cfg, overrides=None if config else set_)
         for line in report["lines"]:
             typer.echo(line)
         if report["matched"] != report["total"] or report["data_changed"]:
@@ -100,6 +101,9 @@ def study(
         return
     if config is None:
         raise typer.BadParameter("give --config (a study config), or --reproduce RESULTS.json --arm A --seed S")
+    given = [name for name, v in (("--arm", arm), ("--seed", seed), ("--labels", labels), ("--out", out)) if v is not None]
+    if given:
+        raise typer.BadParameter(f"{', '.join(given)} go with --reproduce only")
     cfg = load_config(config, set_ or [], StudyConfig)
     if check:
         for line in describe_protocol(check_protocol(cfg)):

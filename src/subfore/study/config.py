@@ -90,8 +90,9 @@ class StudySection(Strict):
     probe: ProbeSettings | None = Field(None, description="a linear probe of every arm's frozen network (scratch: "
                                         "its random init), a second read-out beside finetune Dice")
     label_fractions: list[float] | None = Field(
-        None, description="labelled finetuning cases per run: a count (1, 2, 4) or a share of finetune_train "
-        "(0.25); every arm and seed pretrains once and finetunes at each")
+        None, description="labelled finetuning cases per run: a count (1, 2, 4; 1.0 is one case) or a share below 1 "
+        "of finetune_train (0.25, rounded half up, at least 1); every arm and seed pretrains once and finetunes at "
+        "each")
 
     @field_validator("label_fractions")
     @classmethod

@@ -48,7 +48,7 @@ def label_counts(cfg: StudyConfig) -> list[int] | None:
             update={"limit_train": None})}))[0])
     counts = []
     for f in fractions:
-        n = int(f) if f >= 1 else (None if available is None else max(1, round(f * available)))
+        n = int(f) if f >= 1 else (None if available is None else max(1, int(f * available + 0.5)))
         if n is not None and available is not None and n > available:
             raise ConfigError(f"study.label_fractions: {n} labelled cases asked for, finetune_train has {available}")
         counts.append(n)

@@ -26,15 +26,18 @@ def summarize(results: list[dict], out: Path, protocol: dict | None = None, prov
     """results.json, results.md (arms × classes, mean ± std over seeds, best in bold), dice.png, curves.png; with
     label fractions also labels.md's tables and labels.png (Dice against labelled cases per arm)."""
     arms = list(dict.fromkeys(r["arm"] for r in results))
-    tests = list(dict.fromkeys(t for r in results for t in r["tests"]))
     write_json(out / "results.json", {"arms": arms, "protocol": protocol, **(provenance or {}), "runs": results})
     counts = sorted({r["labels"] for r in results if "labels" in r})
     if counts:
-        _labels(results, arms, tests, counts, out, protocol)
-        # The per-class tables and curves below read the largest labelled set, the study's full-label runs.
+        _labels(results, arms, list(dict.fromkeys(t for r in results for t in r["tests"])), counts, out, protocol)
+        # The per-class tables and curves below read the runs with the most labelled cases.
         results = [r for r in results if r.get("labels") == counts[-1]]
+    tests = list(dict.fromkeys(t for r in results for t in r["tests"]))
     md = ["# Study results", "", "Dice (%) per class, mean ± std over seeds; best mean per column in **bold**. "
           "A class absent from a test set's ground truth is excluded (–).", ""]
+    if counts:
+        md += [f"Runs finetuned on {counts[-1]} labelled cases, the most of study.label_fractions; every count, "
+               "paired by seed: labels.md and labels.png.", ""]
     if protocol:
         md += ["Protocol:", ""] + [f"- {line}" for line in describe_protocol(protocol)] + [""]
     summary: dict[str, dict[str, tuple]] = {}

@@ -53,21 +53,26 @@ def find_run(results: dict, arm: str, seed: int, labels: int | None, source: Pat
 
 
 def reproduce(results_path: str | Path, arm: str, seed: int, labels: int | None = None,
-              out: str | Path | None = None, config: StudyConfig | None = None) -> dict:
+              out: str | Path | None = None, config: StudyConfig | None = None,
+              overrides: list[str] | None = None) -> dict:
     """Rerun (arm, seed[, labels]) of the study whose results.json is ``results_path`` in ``out`` (new), from the
-    config results.json records (or ``config``); returns {"lines", "matched", "total", "data_changed", "code"}."""
+    config results.json records with ``overrides`` (or from ``config``), in the working directory the study ran in
+    (its paths are relative to it); returns {"lines", "matched", "total", "data_changed", "code"}."""
+    from ..config import load_config
     from .run import provenance, run_one
 
     source = Path(results_path)
     try:
         results = json.loads(source.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(source, f"is not a readable results.json ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        raise DataError(source, "is not a study's results.json (no 'runs' list; a run's own result.json is not one)")
     recorded = find_run(results, arm, seed, labels, source)
     if config is None:
-        if "config" not in results:
+        if not isinstance(results.get("config"), dict):
             raise DataError(source, "records no study config (written before studies recorded theirs): pass --config")
-        config = StudyConfig.model_validate(results["config"])
+        config = load_config(None, list(overrides or []), StudyConfig, base=results["config"])
     if out is None:
         out = Path("runs") / "reproduce" / (f"{arm}_seed{seed}" + ("" if labels is None else f"_labels{labels}"))
     out = Path(out)
@@ -83,13 +88,18 @@ def reproduce(results_path: str | Path, arm: str, seed: int, labels: int | None 
     code_then, code_now = recorded.get("code") or results.get("code"), code_version()
     lines.append(f"code: recorded {_code(code_then)}, now {_code(code_now)}")
     data_changed = []
-    if "data" in results:
+    if isinstance(results.get("data"), dict):
         now = provenance(cfg, None)["data"]
-        for role, files in results["data"].items():
-            for path, digest in files.items():
-                if now.get(role, {}).get(path) != digest:
-                    data_changed.append(f"{role}: {path}")
-        lines += [f"data differs: {d}" for d in data_changed] or ["data: every file read has its recorded sha256"]
+        for role in dict.fromkeys([*results["data"], *now]):
+            then_files, now_files = results["data"].get(role, {}), now.get(role, {})
+            for path in dict.fromkeys([*then_files, *now_files]):
+                if path not in now_files:
+                    data_changed.append(f"{role}: {path} was read then, is not now")
+                elif path not in then_files:
+                    data_changed.append(f"{role}: {path} is read now, was not then")
+                elif now_files[path] != then_files[path]:
+                    data_changed.append(f"{role}: {path} has other contents (sha256)")
+        lines += [f"data differs: {d}" for d in data_changed] or ["data: the same files, each with its recorded sha256"]
     rerun = run_one(cfg, arm, over, seed, labels)
     rows = compare(recorded, rerun)
     for key, a, b, ok in rows:

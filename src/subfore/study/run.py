@@ -45,8 +45,23 @@ def pretrain_arm(cfg: StudyConfig, arm: str, over: dict, seed: int) -> tuple[Pat
     tree = with_overrides(cfg.pretrain, {**over, "run_dir": str(run_dir(cfg, arm, seed) / "pretrain"), "seed": seed})
     tree.setdefault("data", {})["train"] = st.pretrain_data + existing(st.pretrain_data_optional)
     pcfg = load_config(None, [], PretrainConfig, base=tree)
+    done = Path(pcfg.run_dir) / "encoder.pt"
+    if _finished(Path(pcfg.run_dir), pcfg):  # another label count of this arm and seed pretrained it already
+        return done, 0.0
     encoder = pretrain(pcfg, resume="auto")
     return encoder, time.time() - t0
+
+
+def _finished(run: Path, pcfg: PretrainConfig) -> bool:
+    """Whether ``run`` holds this very pretraining, trained to its last step and exported."""
+    import yaml
+
+    try:
+        same = yaml.safe_load((run / "config.yaml").read_text()) == pcfg.model_dump(mode="json")
+        step = json.loads((run / "encoder.json").read_text()).get("step")
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return same and step == pcfg.train.max_steps and (run / "encoder.pt").is_file()
 
 
 def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int, labels: int | None = None,
