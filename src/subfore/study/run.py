@@ -179,8 +179,11 @@ def provenance(cfg: StudyConfig, protocol: dict) -> dict:
     from ..provenance import items_digest
 
     st = cfg.study
-    fcfg = finetune_config(cfg, Path(st.study_dir) / "check", st.seeds[0] if st.seeds else 0)
-    train, val = finetune_cases(fcfg.model_copy(update={"data": fcfg.data.model_copy(update={"limit_train": None})}))
+    counts = [n for n in (label_counts(cfg) or []) if n is not None]
+    # The cases the largest run trained on (the first N are a prefix of any larger N).
+    fcfg = finetune_config(cfg, Path(st.study_dir) / "check", st.seeds[0] if st.seeds else 0,
+                           max(counts) if counts else None)
+    train, val = finetune_cases(fcfg)
     pre_split = cfg.pretrain.get("data", {}).get("train_split", "training")
     data = {"pretrain": items_digest(load_datalists(st.pretrain_data + existing(st.pretrain_data_optional), pre_split)),
             "finetune_train": items_digest(train), "finetune_val": items_digest(val or [])}
