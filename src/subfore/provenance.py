@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -47,20 +48,16 @@ def file_digest(path: str | Path) -> str:
 
 
 def data_key(path: str | Path) -> str:
-    """A file's name in a record: relative to the working directory when inside it (so a study run from the root
-    of another clone names the same files), else absolute."""
-    resolved = Path(path).resolve()
-    try:
-        return str(resolved.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(resolved)
+    """A file's name in a record: relative to the working directory (``../shared/data/…`` too), so that a study run
+    from the root of another clone names the same files."""
+    return os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
 
 
-def items_digest(items: list[dict]) -> dict[str, str]:
-    """{file (:func:`data_key`): sha256} of every image and label file the datalist items name."""
+def items_digest(items: list[dict], keys: tuple[str, ...] = ("image", "label")) -> dict[str, str]:
+    """{file (:func:`data_key`): sha256} of every file the datalist items name under ``keys``."""
     paths: list[str] = []
     for item in items:
-        for key in ("image", "label"):
+        for key in keys:
             value = item.get(key)
             paths += [] if value is None else value if isinstance(value, list) else [value]
     return {data_key(p): file_digest(p) for p in dict.fromkeys(paths) if Path(p).is_file()}

@@ -185,7 +185,8 @@ def provenance(cfg: StudyConfig, protocol: dict) -> dict:
                            max(counts) if counts else None)
     train, val = finetune_cases(fcfg)
     pre_split = cfg.pretrain.get("data", {}).get("train_split", "training")
-    data = {"pretrain": items_digest(load_datalists(st.pretrain_data + existing(st.pretrain_data_optional), pre_split)),
+    pre_items = load_datalists(st.pretrain_data + existing(st.pretrain_data_optional), pre_split)
+    data = {"pretrain": items_digest(pre_items, keys=("image",)),  # pretraining reads images only
             "finetune_train": items_digest(train), "finetune_val": items_digest(val or [])}
     for t in st.test:
         if t.image:
