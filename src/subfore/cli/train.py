@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from ..errors import ConfigError
 from ..preempt import STOP
 from .app import _resume, app
 
@@ -91,7 +92,7 @@ def study(
         from ..study import reproduce as rerun
 
         if arm is None or seed is None:
-            raise typer.BadParameter("--reproduce needs --arm and --seed")
+            raise ConfigError("--reproduce needs --arm and --seed (the run to rerun)")
         cfg = load_config(config, set_ or [], StudyConfig) if config else None
         report = rerun(reproduce, arm, seed, labels, out, cfg, overrides=None if config else set_)
         for line in report["lines"]:
@@ -100,10 +101,10 @@ def study(
             raise typer.Exit(1)
         return
     if config is None:
-        raise typer.BadParameter("give --config (a study config), or --reproduce RESULTS.json --arm A --seed S")
+        raise ConfigError("give --config (a study config), or --reproduce RESULTS.json --arm A --seed S")
     given = [name for name, v in (("--arm", arm), ("--seed", seed), ("--labels", labels), ("--out", out)) if v is not None]
     if given:
-        raise typer.BadParameter(f"{', '.join(given)} go with --reproduce only")
+        raise ConfigError(f"{' and '.join(given)}: only with --reproduce RESULTS.json")
     cfg = load_config(config, set_ or [], StudyConfig)
     if check:
         for line in describe_protocol(check_protocol(cfg)):
