@@ -88,7 +88,7 @@ def test_micro_study_writes_outputs_and_resume_skips_finished_arms(phantom_dir, 
     assert json.loads(marker.read_text())["probe"] == probe
     (out / "foreground" / "seed0" / "result.json").unlink()
     calls = []
-    monkeypatch.setattr(mod, "run_one", lambda cfg, arm, over, seed: calls.append(arm) or results["runs"][1])
+    monkeypatch.setattr(mod, "run_one", lambda cfg, arm, over, seed, *a, **k: calls.append(arm) or results["runs"][1])
     study(cfg)
     assert calls == ["foreground"]
 
