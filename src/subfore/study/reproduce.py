@@ -89,7 +89,7 @@ def reproduce(results_path: str | Path, arm: str, seed: int, labels: int | None 
     lines.append(f"code: recorded {_code(code_then)}, now {_code(code_now)}")
     data_changed = []
     if isinstance(results.get("data"), dict):
-        now = provenance(cfg, None)["data"]
+        now = provenance(cfg)["data"]
         for role in dict.fromkeys([*results["data"], *now]):
             then_files, now_files = results["data"].get(role, {}), now.get(role, {})
             for path in dict.fromkeys([*then_files, *now_files]):

@@ -2,7 +2,8 @@
 
 Each (arm, seed) runs in ``STUDY_DIR/ARM/seedS/``; its ``result.json`` is the completion marker, so an
 interrupted study resumes where it stopped. With ``study.label_fractions`` an arm and seed pretrains once
-(``seedS/pretrain``) and finetunes once per number of labelled cases N (``seedS/labelsN/``, its own result.json). Arms are strategy names with ``+`` modifiers:
+(``seedS/pretrain``) and finetunes once per number of labelled cases N (``seedS/labelsN/``, its own
+result.json). Arms are strategy names with ``+`` modifiers:
 ``scratch`` (no pretraining), ``random``, ``block``, ``foreground``, ``foreground+otsu`` (λ by Otsu),
 ``anatomask``, ``hpm``, ``anatomask+gate`` / ``hpm+gate`` (foreground-gated teachers).
 """
@@ -39,7 +40,7 @@ def run_dir(cfg: StudyConfig, arm: str, seed: int, labels: int | None = None) ->
 
 
 def pretrain_arm(cfg: StudyConfig, arm: str, over: dict, seed: int) -> tuple[Path, float]:
-    """Pretrain one arm and seed (resuming a half-finished run; a finished one is only reread); (encoder, seconds)."""
+    """Pretrain one arm and seed (resuming a half-finished run; a finished one is reused as is); (encoder, seconds)."""
     st = cfg.study
     t0 = time.time()
     tree = with_overrides(cfg.pretrain, {**over, "run_dir": str(run_dir(cfg, arm, seed) / "pretrain"), "seed": seed})
@@ -168,11 +169,11 @@ def study(cfg: StudyConfig) -> Path:
                 print(f"== {arm}, seed {seed}" + ("" if labels is None else f", {labels} labelled cases"), flush=True)
                 results.append(run_one(cfg, arm, over, seed, labels, probe=probe))
                 probe = results[-1].get("probe")
-    summarize(results, out, protocol, provenance(cfg, protocol))
+    summarize(results, out, protocol, provenance(cfg))
     return out
 
 
-def provenance(cfg: StudyConfig, protocol: dict) -> dict:
+def provenance(cfg: StudyConfig) -> dict:
     """What results.json records of its origin: the code now, the study config, and sha256 of every file read."""
     from ..data.datalist import load_datalists
     from ..finetune.data import finetune_cases
