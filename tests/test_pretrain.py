@@ -21,8 +21,9 @@ def base_config(phantom_dir, tmp_path, **sections) -> dict:
     cfg = {
         "run_dir": str(tmp_path / "run"),
         "seed": 0,
-        "data": {"train": str(phantom_dir / "dataset.json"), "roi": [32, 32, 32], "cache_dir": str(tmp_path / "cache"),
-                 "num_workers": 0},
+        "data": {"train": str(phantom_dir / "dataset.json"), "roi": [32, 32, 32], "num_workers": 0,
+                 # one store per session (as tests/test_runs.py): its key is the preset, so runs share it
+                 "cache_dir": str(phantom_dir.parent / "cache_runs")},
         "model": {"name": "basicunet", "feature_size": 4},
         "masking": {"strategy": "foreground", "ratio": 0.6, "subvolume_size": 16},
         "optim": {"warmup_steps": 1},

@@ -58,6 +58,15 @@ def subfore(*args, fault: str | None = None, launcher: list[str] | None = None) 
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+def together(*runs):
+    """Independent runs (zero-argument callables) at the same time: each is mostly interpreter start-up and gloo
+    set-up, which leave the second core idle. Faults fire at a step, not a time, so the results are unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return [f.result() for f in [pool.submit(r) for r in runs]]
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -134,11 +143,12 @@ def test_signal_saves_the_current_step_exits_75_and_resumes_exactly(phantom_dir,
 
 def test_signal_during_setup_stops_at_the_first_step_and_on_the_last_step_finishes(phantom_dir, tmp_path):
     early = write_config(tmp_path / "early.yaml", phantom_dir)
-    stopped = subfore("pretrain", "--config", early, fault="sigterm@start")
+    late = write_config(tmp_path / "late.yaml", phantom_dir, train={"max_steps": 2})
+    stopped, finished = together(lambda: subfore("pretrain", "--config", early, fault="sigterm@start"),
+                                 lambda: subfore("pretrain", "--config", late, fault="sigusr1@2"))
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert ckpt_step(run_dir(early) / "checkpoints" / "last.ckpt") == 1
-    late = write_config(tmp_path / "late.yaml", phantom_dir, train={"max_steps": 2})
-    ok(subfore("pretrain", "--config", late, fault="sigusr1@2"))  # the run is complete: nothing to resume
+    ok(finished)  # the run is complete: nothing to resume
     assert ckpt_step(run_dir(late) / "checkpoints" / "last.ckpt") == 2
 
 
@@ -227,8 +237,8 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(phantom_dir, tmp_path):
     """After a NaN at step 2 on rank 1 only, the state equals the state after step 1: weights, teacher, AdamW."""
     one = write_config(tmp_path / "one.yaml", phantom_dir, train={**TWO, "max_steps": 1})
     nan = write_config(tmp_path / "nan.yaml", phantom_dir, train={**TWO, "max_steps": 2})
-    ok(subfore("pretrain", "--config", one))
-    proc = ok(subfore("pretrain", "--config", nan, fault="nan@2:1"))
+    proc = together(lambda: ok(subfore("pretrain", "--config", one)),
+                    lambda: ok(subfore("pretrain", "--config", nan, fault="nan@2:1")))[1]
     assert "step skipped on every rank" in proc.stderr
     a = torch.load(run_dir(one) / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(run_dir(nan) / "checkpoints" / "last.ckpt", weights_only=False)
@@ -273,13 +283,14 @@ def test_two_volumes_on_two_ranks_warn_once_train_and_resume_exactly(phantom_dir
     few = few_cases(phantom_dir, tmp_path / "two.json", 2)
     train = {**TWO, "batch_size": 2, "max_steps": 4}
     full = write_config(tmp_path / "full.yaml", phantom_dir, data={"train": str(few)}, train=train)
-    proc = ok(subfore("pretrain", "--config", full))
+    cut = write_config(tmp_path / "cut.yaml", phantom_dir, data={"train": str(few)}, train=train)
+    proc, stopped = together(lambda: ok(subfore("pretrain", "--config", full)),
+                             lambda: subfore("pretrain", "--config", cut, fault="sigterm@3"))
     assert drawn_twice(proc) == [f"{few}: 2 volume(s) for 4 per step (train.batch_size=2 crops with "
                                  f"data.samples_per_volume=1 is 2 volume(s) on each of 2 rank(s)): volumes are drawn "
                                  f"more than once within a step"]
     assert [s for s, _ in losses(run_dir(full))] == [1, 2, 3, 4]
-    cut = write_config(tmp_path / "cut.yaml", phantom_dir, data={"train": str(few)}, train=train)
-    assert subfore("pretrain", "--config", cut, fault="sigterm@3").returncode == 75
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
     resumed = ok(subfore("pretrain", "--config", cut, "--resume"))
     assert_same_losses(losses(run_dir(cut)), losses(run_dir(full)))
     for shown in (proc.stdout + proc.stderr, resumed.stdout + resumed.stderr):  # this project's lines only
@@ -294,8 +305,7 @@ def test_validation_loss_does_not_depend_on_the_process_count(phantom_dir, tmp_p
                        train={"max_steps": 2, "val_every": 2})
     two = write_config(tmp_path / "two.yaml", phantom_dir, optim=still, data=data,
                        train={**TWO, "max_steps": 2, "val_every": 2})
-    ok(subfore("pretrain", "--config", one))
-    ok(subfore("pretrain", "--config", two))
+    together(lambda: ok(subfore("pretrain", "--config", one)), lambda: ok(subfore("pretrain", "--config", two)))
     val = [[x["val_loss"] for x in rows(run_dir(c)) if "val_loss" in x] for c in (one, two)]
     assert len(val[0]) == 1 and val[1] == pytest.approx(val[0], rel=1e-6, abs=0)
 
@@ -305,10 +315,11 @@ def test_one_labelled_case_on_two_ranks_finetunes_and_resumes_exactly(phantom_di
     data = {"train": str(one), "val": None, "samples_per_volume": 1}
     train = {"accelerator": "cpu", "devices": 2, "batch_size": 2, "max_steps": 4}
     full = write_config(tmp_path / "full.yaml", phantom_dir, kind="finetune", data=data, train=train)
-    proc = ok(subfore("finetune", "--config", full))
-    assert len(drawn_twice(proc)) == 1 and drawn_twice(proc)[0].startswith(f"{one}: 1 volume(s) for 4 per step")
     cut = write_config(tmp_path / "cut.yaml", phantom_dir, kind="finetune", data=data, train=train)
-    assert subfore("finetune", "--config", cut, fault="sigterm@3").returncode == 75
+    proc, stopped = together(lambda: ok(subfore("finetune", "--config", full)),
+                             lambda: subfore("finetune", "--config", cut, fault="sigterm@3"))
+    assert len(drawn_twice(proc)) == 1 and drawn_twice(proc)[0].startswith(f"{one}: 1 volume(s) for 4 per step")
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
     ok(subfore("finetune", "--config", cut, "--resume"))
     assert_same_losses(losses(run_dir(cut)), losses(run_dir(full)))
 
@@ -329,8 +340,7 @@ def test_two_process_finetune_scores_each_validation_case_once(phantom_dir, tmp_
                        train={"accelerator": "cpu", "devices": 2, "max_steps": 2, "val_every": 2})
     one = write_config(tmp_path / "one.yaml", phantom_dir, kind="finetune", optim=still,
                        train={"max_steps": 2, "val_every": 2})
-    proc = ok(subfore("finetune", "--config", cfg))
-    ok(subfore("finetune", "--config", one))
+    proc, _ = together(lambda: ok(subfore("finetune", "--config", cfg)), lambda: ok(subfore("finetune", "--config", one)))
     r = rows(run_dir(cfg))
     val = [x for x in r if "val_dice" in x]
     assert [x["val_cases"] for x in val] == [3]  # 3 cases on 2 ranks: padding would count 4
@@ -344,8 +354,9 @@ def test_finetune_sigterm_then_resume_gives_the_uninterrupted_losses(phantom_dir
     ref = write_config(tmp_path / "fref.yaml", phantom_dir, kind="finetune", train={"max_steps": 4})
     cut = write_config(tmp_path / "fcut.yaml", phantom_dir, kind="finetune", train={"max_steps": 4},
                        data={"num_workers": 2})
-    ok(subfore("finetune", "--config", ref))
-    assert subfore("finetune", "--config", cut, fault="sigterm@2").returncode == 75
+    _, stopped = together(lambda: ok(subfore("finetune", "--config", ref)),
+                          lambda: subfore("finetune", "--config", cut, fault="sigterm@2"))
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert not [x for x in rows(run_dir(cut)) if "val_dice" in x]  # no validation on the way out
     ok(subfore("finetune", "--config", cut, "--resume"))
     assert_same_losses(losses(run_dir(cut)), losses(run_dir(ref)))
@@ -399,14 +410,14 @@ VISIBLE = {"model": {"name": "unetr", "feature_size": 4, "hidden_size": 48, "mlp
 
 def test_visible_encoding_on_two_processes_stops_and_resumes_exactly(phantom_dir, tmp_path):
     ref = write_config(tmp_path / "vref.yaml", phantom_dir, **VISIBLE, train={**TWO, "max_steps": 4})
-    ok(subfore("pretrain", "--config", ref))
+    cfg = write_config(tmp_path / "vstop.yaml", phantom_dir, **VISIBLE, train={**TWO, "max_steps": 4})
+    _, stopped = together(lambda: ok(subfore("pretrain", "--config", ref)),
+                          lambda: subfore("pretrain", "--config", cfg, fault="sigterm@3:0"))
     train = [x for x in rows(run_dir(ref)) if "loss" in x]
     assert [x["step"] for x in train] == [1, 2, 3, 4]
     assert all(x["rank_mask_digest"][0] != x["rank_mask_digest"][1] for x in train)
     digests = rows(run_dir(ref))[-1]["replica_digests"]
     assert digests["net"][0] == digests["net"][1] and digests["teacher"][0] == digests["teacher"][1]
-    cfg = write_config(tmp_path / "vstop.yaml", phantom_dir, **VISIBLE, train={**TWO, "max_steps": 4})
-    stopped = subfore("pretrain", "--config", cfg, fault="sigterm@3:0")
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert ckpt_step(run_dir(cfg) / "checkpoints" / "last.ckpt") == 3
     ok(subfore("pretrain", "--config", cfg, "--resume"))

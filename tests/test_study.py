@@ -8,7 +8,7 @@ import pytest
 
 from subfore.config import load_config
 from subfore.errors import ConfigError
-from subfore.study import StudyConfig, expand_arms, parse_arm, study
+from subfore.study import StudyConfig, check_protocol, expand_arms, parse_arm, study
 
 
 def micro(phantom_dir, tmp_path, **study_keys) -> dict:
@@ -103,6 +103,13 @@ def _check(config: dict, tmp_path):
     return subprocess.run(["subfore", "study", "--config", str(path), "--check"], capture_output=True, text=True)
 
 
+def _refusal(config: dict) -> str:
+    """check_protocol's refusal of ``config`` in this process (the CLI's one-line path is checked once above)."""
+    with pytest.raises(ConfigError) as err:
+        check_protocol(load_config(None, [], StudyConfig, base=config))
+    return f"error: {err.value}"
+
+
 def test_check_refuses_a_test_case_that_trains_or_selects(phantom_dir, tmp_path):
     meta = json.loads((phantom_dir / "dataset.json").read_text())
     image = lambda split, i: str(phantom_dir / meta[split][i]["image"])  # noqa: E731
@@ -121,31 +128,30 @@ def test_check_refuses_a_test_case_that_trains_or_selects(phantom_dir, tmp_path)
         f"(1 shared); test cases must never train or select the checkpoint"]
     # A training case, as a test image.
     tree["study"]["test"] = [{"name": "leak", "image": image("training", 0), "label": label("training", 0)}]
-    assert "is also a finetuning training case" in _check(tree, tmp_path).stderr
+    assert "is also a finetuning training case" in _refusal(tree)
     # ... also when another finetuning datalist does not exist yet (its split of roles is then unknown).
     tree["study"]["finetune_train"]["data"] = [str(phantom_dir / "dataset.json"), "/nowhere/more.json"]
     for i in (0, 2):
         tree["study"]["test"] = [{"name": "leak", "image": image("training", i), "label": label("training", i)}]
-        assert "error: study.test 'leak': case phantom_00" in _check(tree, tmp_path).stderr
+        assert "error: study.test 'leak': case phantom_00" in _refusal(tree)
     # A test set must say what it scores.
     tree = micro(phantom_dir, tmp_path)
     tree["study"]["test"] = [{"name": "empty"}]
-    assert "test 'empty': give either data (a labelled datalist) or image with label" in _check(tree, tmp_path).stderr
+    assert "test 'empty': give either data (a labelled datalist) or image with label" in _refusal(tree)
     # The paper configs' old mistake, with placeholder paths: the scored split is the validation split.
     tree = micro(phantom_dir, tmp_path)
     tree["study"].update(finetune_train={"data": "/nowhere/BTCV/dataset.json"},
                          finetune_val={"data": "/nowhere/BTCV/dataset.json", "split": "validation"},
                          test=[{"name": "btcv", "data": "/nowhere/BTCV/dataset.json", "split": "validation"}])
-    bad = _check(tree, tmp_path)
-    assert bad.returncode == 1 and bad.stderr.strip() == (
+    assert _refusal(tree) == (
         "error: study.test 'btcv': datalist and split /nowhere/BTCV/dataset.json:validation are also the "
         "finetuning validation data; test cases must never train or select the checkpoint")
     # select: best without a validation set is refused; select: last without one is fine.
     tree = micro(phantom_dir, tmp_path)
     tree["study"]["finetune_val"] = None
-    assert "select 'best' needs finetune_val" in _check(tree, tmp_path).stderr
+    assert "select 'best' needs finetune_val" in _refusal(tree)
     tree["study"]["select"] = "last"
-    assert _check(tree, tmp_path).returncode == 0
+    check_protocol(load_config(None, [], StudyConfig, base=tree))  # accepted
 
 
 def test_study_runs_the_check_before_anything_else(phantom_dir, tmp_path):
@@ -249,7 +255,7 @@ def test_label_fractions_pretrain_once_finetune_per_count_and_pair_by_seed(phant
         study(load_config(None, ["study.label_fractions=[3]"], StudyConfig, base=tree))
 
 
-def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phantom_dir, tmp_path):
+def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phantom_dir, tmp_path, monkeypatch):
     import hashlib
     import os
     import subprocess
@@ -279,14 +285,19 @@ def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phan
     assert ok.returncode == 0, ok.stdout + ok.stderr
     total = len([line for line in ok.stdout.splitlines() if line.startswith("match ")])
     assert total > 20 and f"{total} of {total} numbers match" in ok.stdout
-    # One recorded number changed: the rerun names it and fails.
+    assert "data: the same files, each with its recorded sha256" in ok.stdout
+    # One recorded number changed: the comparison names it. The rerun is the one above (its result.json stands in for
+    # run_one; training it again would give the same numbers); the CLI's exit 1 is tested below.
+    import subfore.study.run as run_mod
+    from subfore.study import reproduce
+
+    rerun = json.loads((tmp_path / "again" / "foreground" / "seed0" / "result.json").read_text())
+    monkeypatch.setattr(run_mod, "run_one", lambda *a, **k: rerun)
     results["runs"][0]["tests"]["phantoms"]["dice"]["liver"] += 0.01
     (tmp_path / "edited.json").write_text(json.dumps(results))
-    bad = subprocess.run([*cmd[:3], str(tmp_path / "edited.json"), *cmd[4:], "--out", str(tmp_path / "third")],
-                         capture_output=True, text=True, cwd=os.getcwd())
-    assert bad.returncode == 1 and "DIFFERS phantoms dice liver" in bad.stdout
-    assert f"{total - 1} of {total} numbers match" in bad.stdout
-    assert "data: the same files, each with its recorded sha256" in ok.stdout
+    bad = reproduce(tmp_path / "edited.json", "foreground", 0, out=tmp_path / "third")
+    assert (bad["matched"], bad["total"]) == (total - 1, total)
+    assert [ln.split(":")[0] for ln in bad["lines"] if ln.startswith("DIFFERS")] == ["DIFFERS phantoms dice liver"]
 
 
 def test_reproduce_names_a_data_file_whose_contents_changed(phantom_dir, tmp_path):
