@@ -287,7 +287,7 @@ def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phan
     assert total > 20 and f"{total} of {total} numbers match" in ok.stdout
     assert "data: the same files, each with its recorded sha256" in ok.stdout
     # One recorded number changed: the comparison names it. The rerun is the one above (its result.json stands in for
-    # run_one; training it again would give the same numbers); the CLI's exit 1 is tested below.
+    # run_one; training it again would give the same numbers).
     import subfore.study.run as run_mod
     from subfore.study import reproduce
 
@@ -298,6 +298,13 @@ def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phan
     bad = reproduce(tmp_path / "edited.json", "foreground", 0, out=tmp_path / "third")
     assert (bad["matched"], bad["total"]) == (total - 1, total)
     assert [ln.split(":")[0] for ln in bad["lines"] if ln.startswith("DIFFERS")] == ["DIFFERS phantoms dice liver"]
+    from typer.testing import CliRunner
+
+    from subfore.cli import app
+
+    cli = CliRunner().invoke(app, ["study", "--reproduce", str(tmp_path / "edited.json"), "--arm", "foreground",
+                                   "--seed", "0", "--out", str(tmp_path / "fourth")])
+    assert cli.exit_code == 1 and "DIFFERS phantoms dice liver" in cli.output  # a differing number fails the command
 
 
 def test_reproduce_names_a_data_file_whose_contents_changed(phantom_dir, tmp_path):
