@@ -548,10 +548,134 @@ def test_nnunet_weights_files_name_their_architecture_to_subfore(nn, pretrained,
         "trainer_name": "nnUNetTrainer", "current_epoch": 1000}, tmp_path / "checkpoint_final.pth")
     found = read_weights(tmp_path / "checkpoint_final.pth")
     fullres = plans["configurations"]["3d_fullres"]
-    assert found.kind == "nnU-Net weights" and found.meta.roi == tuple(fullres["patch_size"])
+    assert found.kind == "nnU-Net training checkpoint" and found.meta.roi == tuple(fullres["patch_size"])
     assert found.meta.model["nnunet_architecture"]["arch_kwargs"] == plans_arch(nn["plans"])["arch_kwargs"]
     assert list(found.meta.preset.array_spacing) == pytest.approx(fullres["spacing"])
     # A bare network_weights file names nothing: finetune takes it, the probe says why it cannot.
     torch.save({"network_weights": encoder}, tmp_path / "bare.pth")
     with pytest.raises(SubforeError, match=r"bare.pth: this nnU-Net weights file names no architecture"):
         read_encoder(tmp_path / "bare.pth")
+
+
+def test_an_nnssl_plan_of_another_architecture_with_the_same_shapes_is_refused(nn, nnssl_ckpt, tmp_path):
+    """Strides and nonlinearity change no tensor shape: the plan itself is compared, first difference named."""
+    from subfore.config import PretrainConfig
+    from subfore.pretrain.module import MaskedImageModel
+
+    ckpt = torch.load(nnssl_ckpt, weights_only=True)
+    module = MaskedImageModel(load_config(None, [], PretrainConfig, base=pretrain_tree(nn, tmp_path / "run")))
+    mine = module.backbone.architecture["arch_kwargs"]
+    last = [1, 1, 1] if list(mine["strides"][-1]) != [1, 1, 1] else [2, 2, 2]
+    for key, value in (("nonlin", "torch.nn.ReLU"), ("strides", [list(s) for s in mine["strides"][:-1]] + [last])):
+        plan = json.loads(json.dumps(ckpt["nnssl_adaptation_plan"]))
+        plan["architecture_plans"]["arch_kwargs"][key] = value
+        path = tmp_path / f"{key}.pth"
+        torch.save({**ckpt, "nnssl_adaptation_plan": plan}, path)
+        with pytest.raises(SubforeError, match=rf"{path} \(nnssl checkpoint\): its architecture differs .* first "
+                                               rf"difference arch_kwargs\.{key}: "):
+            module.init_weights(path)
+
+
+def test_finetuning_takes_the_network_from_an_nnssl_file_and_its_checkpoint_stands_alone(nn, nnssl_ckpt, tmp_path):
+    """model.name resenc with no plans: the network is the nnssl file's (PretrainedTrainer's way); the finetuned
+    checkpoint carries it, and a plans-built run's checkpoint carries its plans, so predict works with no plans."""
+    import shutil
+
+    from subfore.evaluate import predict
+
+    tree = {
+        "run_dir": str(tmp_path / "ft"),
+        "data": {"train": str(nn["raw"]), "preset": "ct", "spacing": [4.0, 4.0, 4.0], "roi": [32, 32, 32],
+                 "samples_per_volume": 1, "cache_dir": None, "num_workers": 0, "label_map": {1: 1, 6: 2}},
+        "model": {"name": "resenc", "out_channels": 3},
+        "train": {"max_steps": 1, "batch_size": 2, "ckpt_every": 1, "log_every": 1, "progress_bar": False},
+    }
+    (tmp_path / "ft.yaml").write_text(json.dumps(tree))
+    ok(run(SUBFORE, "finetune", "--config", tmp_path / "ft.yaml", "--pretrained", nnssl_ckpt))
+    assert yaml_value(tmp_path / "ft" / "config.yaml", "model")["nnunet_architecture"]["arch_kwargs"] == \
+        plans_arch(nn["plans"])["arch_kwargs"]
+    assert re.search(r"\((\d+)/\1 of the encoder\)", (tmp_path / "ft" / "pretrained_load.txt").read_text())
+    # A run built from a plans file that is then deleted: evaluate and predict still rebuild its network.
+    plans = tmp_path / "plans" / "TinyResEncM.json"
+    plans.parent.mkdir()
+    shutil.copy(nn["plans"], plans)
+    tree["run_dir"] = str(tmp_path / "ft_plans")
+    tree["data"].update(preset="nnunet", spacing=None)
+    tree["model"] = {"name": "resenc", "nnunet_plans": str(plans), "out_channels": 3}
+    (tmp_path / "ft_plans.yaml").write_text(json.dumps(tree))
+    ok(run(SUBFORE, "finetune", "--config", tmp_path / "ft_plans.yaml"))
+    last = tmp_path / "ft_plans" / "checkpoints" / "last.ckpt"
+    before = nib.load(predict(last, [str(nn["image"])], tmp_path / "before")[0]).get_fdata()
+    shutil.rmtree(plans.parent)
+    ok(run(SUBFORE, "predict", "--checkpoint", last, nn["image"], "--out", tmp_path / "after"))
+    after = nib.load(next((tmp_path / "after").glob("*_seg.nii.gz")))
+    assert np.array_equal(after.get_fdata(), before)
+    assert np.allclose(after.affine, nib.load(nn["image"]).affine)
+
+
+def resenc_l_nnssl(path: Path) -> dict:
+    """A 1-channel nnssl ResEnc-L checkpoint laid out as nnssl writes it (the OpenMind models): preset by name."""
+    from subfore.config import ModelConfig
+    from subfore.models import build_backbone
+
+    torch.manual_seed(1)
+    state = {k: v for k, v in build_backbone(ModelConfig(name="resenc_l"), 1, 1, (64, 64, 64)).state_dict().items()
+             if ".seg_layers." not in k}
+    plan = {"architecture_plans": {"arch_class_name": "ResEncL", "arch_kwargs": None,
+                                   "arch_kwargs_requiring_import": None},
+            "pretrain_plan": {"transpose_forward": [0, 1, 2], "configurations": {"onemmiso": {
+                "spacing": [1.0, 1.0, 1.0], "patch_size": [160, 160, 160],
+                "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False]}}},
+            "pretrain_num_input_channels": 1, "recommended_downstream_patchsize": [160, 160, 160],
+            "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stem",
+            "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"], "key_to_lpe": None}
+    torch.save({"network_weights": state, "nnssl_adaptation_plan": plan}, path)
+    return state
+
+
+def test_a_one_channel_nnssl_resenc_l_finetunes_a_four_channel_network(tmp_path):
+    from helpers import write_nifti
+
+    from subfore.config import ModelConfig
+    from subfore.models import build_backbone
+    from subfore.models.nnunet.network import RESENC_L
+    from subfore.models.weights import load_pretrained, repeat_stem
+
+    source = resenc_l_nnssl(tmp_path / "openmind.pth")
+    stem = [k for k in source if "encoder.stem." in k and source[k].ndim == 5 and source[k].shape[1] == 1]
+    assert len(stem) == 4  # the stem's first convolution and its aliases (.all_modules.0, decoder.encoder.*)
+    for mode in ("repeat", "reinit"):
+        net = build_backbone(ModelConfig(name="resenc_l"), 4, 3, (64, 64, 64))
+        init = {k: v.clone() for k, v in net.state_dict().items()}
+        report = load_pretrained(net, tmp_path / "openmind.pth", "resenc_l", mode, architecture=RESENC_L)
+        after = net.state_dict()
+        assert sorted(a.split(" ")[0] for a in report.adapted) == sorted(stem)
+        for key, value in source.items():
+            if key in stem:
+                expected = repeat_stem(value, 4) if mode == "repeat" else init[key]
+                assert after[key].shape[1] == 4 and torch.equal(after[key], expected), key
+            elif key.startswith("encoder."):
+                assert torch.equal(after[key], value), key
+    # Through the console script: a 4-channel MRI finetuning from the 1-channel file, exit 0.
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(2):
+        lab = np.zeros((64, 64, 64), np.uint8)
+        lab[16:40, 16:40, 16:40] = 1
+        lab[24:32, 24:32, 24:32] = 2
+        img = rng.normal(100, 20, size=(64, 64, 64, 4)).astype(np.float32) + 60 * (lab > 0)[..., None]
+        write_nifti(tmp_path / f"mr{i}.nii.gz", img, spacing=(1.0, 1.0, 1.0))
+        write_nifti(tmp_path / f"mr{i}_seg.nii.gz", lab, spacing=(1.0, 1.0, 1.0))
+        entries.append({"image": f"mr{i}.nii.gz", "label": f"mr{i}_seg.nii.gz"})
+    (tmp_path / "mr.json").write_text(json.dumps({"training": entries}))
+    tree = {"run_dir": str(tmp_path / "ft"),
+            "data": {"train": str(tmp_path / "mr.json"), "preset": "mri", "channels": 4, "spacing": [1.0, 1.0, 1.0],
+                     "roi": [64, 64, 64], "samples_per_volume": 1, "cache_dir": None, "num_workers": 0},
+            "model": {"name": "resenc_l", "out_channels": 3},
+            "train": {"max_steps": 1, "batch_size": 1, "ckpt_every": 1, "log_every": 1, "progress_bar": False}}
+    (tmp_path / "ft.yaml").write_text(json.dumps(tree))
+    ok(run(SUBFORE, "finetune", "--config", tmp_path / "ft.yaml", "--pretrained", tmp_path / "openmind.pth"))
+    text = (tmp_path / "ft" / "pretrained_load.txt").read_text()
+    assert f"input channels adapted: {stem[0]} (32, 1) → (32, 4) (repeat)" in text or \
+        "(32, 1) → (32, 4) (repeat)" in text, text
+    assert re.search(r"\((\d+)/\1 of the encoder\)", text), text

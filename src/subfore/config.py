@@ -15,11 +15,13 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from .data.phantoms import BTCV_NAMES
-from .data.plans import preset_from_plans
+from .data.plans import preset_from_plan
 from .data.presets import Preset
-from .errors import ConfigError
+from .errors import ConfigError, SubforeError
 from .io import write_text
 from .masking import REGISTRY, Window
+from .models.nnunet.architecture import check as check_architecture
+from .models.nnunet.network import extract_architecture, resolve_plans
 from .models.registry import BACKBONES
 
 T = TypeVar("T", bound=BaseModel)
@@ -58,9 +60,12 @@ class DataConfig(Strict):
     # The preset behind preset nnunet, read from the plans the model section names by the run config's validator.
     _nnunet: Preset | None = PrivateAttr(None)
 
-    def link_plans(self, plans: str, configuration: str) -> None:
-        """Read the plans' preprocessing once (data.preset nnunet): spacing, normalisation, axis order."""
-        self._nnunet = preset_from_plans(str(plans), configuration, channels=self.channels)
+    def link_plans(self, extract: dict) -> None:
+        """The preprocessing of data.preset nnunet from the plans the model section holds (read when the run was
+        resolved): spacing, normalisation, axis order."""
+        name = extract["configuration"]
+        self._nnunet = preset_from_plan(extract, extract["configurations"][name], extract.get("plans_file", "plans"),
+                                        name, channels=self.channels)
 
     def preset_obj(self) -> Preset:
         if self.preset == "nnunet":
@@ -103,7 +108,11 @@ class ModelConfig(Strict):
     nnunet_configuration: str = Field("3d_fullres", description="the plans' configuration to build")
     nnunet_architecture: dict[str, Any] | None = Field(
         None, description="resenc without plans: an nnU-Net 'architecture' entry (network_class_name, arch_kwargs, "
-        "_kw_requires_import), as read from an nnssl checkpoint")
+        "_kw_requires_import), as read from an nnssl checkpoint; finetuning with none of these three: the "
+        "pretrained file's own")
+    nnunet_plan: dict[str, Any] | None = Field(
+        None, description="written when the run is resolved, not by hand: what the run keeps of model.nnunet_plans "
+        "(the configuration's architecture and preprocessing), so its checkpoints need no plans file")
 
     @field_validator("name")
     @classmethod
@@ -116,17 +125,24 @@ class ModelConfig(Strict):
     def _without_inline(self, handler):
         # Configs and encoder.json files of plans-built or MONAI models dump as before the inline architecture.
         data = handler(self)
-        if data.get("nnunet_architecture") is None:
-            data.pop("nnunet_architecture", None)
+        for key in ("nnunet_architecture", "nnunet_plan"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
     @model_validator(mode="after")
     def _plans(self) -> "ModelConfig":
-        if self.name == "resenc" and not self.nnunet_plans and not self.nnunet_architecture:
-            raise ValueError("model.name resenc is built from an nnU-Net plans file: set model.nnunet_plans")
-        if self.nnunet_architecture is not None and not {"network_class_name", "arch_kwargs"} <= set(
-                self.nnunet_architecture):
-            raise ValueError("model.nnunet_architecture needs network_class_name and arch_kwargs")
+        # Architectures are data: every name is checked against the allow-list here, nothing is imported.
+        try:
+            if self.nnunet_architecture is not None:
+                if self.nnunet_plans:
+                    raise SubforeError("model.nnunet_architecture and model.nnunet_plans both describe the network; "
+                                       "keep one")
+                check_architecture(self.nnunet_architecture, None, "model.nnunet_architecture.")
+            if self.nnunet_plan is not None:
+                extract_architecture(self.nnunet_plan, None)
+        except SubforeError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 
@@ -311,6 +327,8 @@ def fill_lr_check_batch(cfg, lr_kind: str):
 def link_config(cfg) -> None:
     """Cross-section settings of a run config: the plans behind ``data.preset: nnunet`` and its default λ.
 
+    Reads no file: the plans come from ``model.nnunet_plan``, which :func:`resolve_run` fills.
+
     The default foreground threshold under this preset is "-132.5 HU" (the papers' λ = 0.1 in their −175…250 HU
     window) for CTNormalization, 'otsu' for the other schemes; it is written into the config, so config.yaml
     and resumed runs keep it.
@@ -318,10 +336,12 @@ def link_config(cfg) -> None:
     data, model = cfg.data, cfg.model
     if data.preset != "nnunet":
         return
-    if not model.nnunet_plans:
+    if not model.nnunet_plans and model.nnunet_plan is None:
         raise ConfigError("data.preset nnunet takes the spacing and normalisation from model.nnunet_plans: set it "
                           "to the nnU-Net plans JSON")
-    data.link_plans(model.nnunet_plans, model.nnunet_configuration)
+    if model.nnunet_plan is None:
+        return  # read when the run is resolved (load_config, resolve_backbone), not while validating
+    data.link_plans(model.nnunet_plan)
     masking = getattr(cfg, "masking", None)
     if masking is not None and "threshold" not in masking.model_fields_set:
         masking.threshold = "-132.5 HU" if data.preset_obj().window is not None else "otsu"
@@ -415,7 +435,7 @@ class FinetuneConfig(Strict):
         return ["background"] + [f"class_{i}" for i in range(1, self.model.out_channels)]
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -424,7 +444,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             parts.append(f"missing key '{key}'")
         else:
-            parts.append(f"'{key}': {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"'{key}': {msg}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
     return f"{source}: " + "; ".join(parts)
 
 
@@ -472,9 +493,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
     for text in overrides or []:
         set_dotted(tree, *parse_override(text))
     try:
-        return cls.model_validate(tree)
+        cfg = cls.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(format_errors(err, source)) from None
+    return resolve_run(cfg)
+
+
+def resolve_run(cfg: T) -> T:
+    """Read the nnU-Net plans a run config names, once, into ``model.nnunet_plan``, and link what they decide."""
+    model = getattr(cfg, "model", None)
+    if model is not None and getattr(model, "nnunet_plans", None):
+        resolve_plans(model)
+        link_config(cfg)
+    return cfg
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:

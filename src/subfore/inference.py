@@ -13,13 +13,16 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
-from .config import FinetuneConfig
+from pydantic import ValidationError
+
+from .config import FinetuneConfig, format_errors
 from .data.brats import from_regions
 from .data.datalist import case_id, load_datalists
 from .data.dataset import load_item
 from .data.transforms import preprocess
-from .errors import SubforeError
+from .errors import ConfigError, SubforeError
 from .io import load_torch, save_figure, write_with
+from .models.nnunet.architecture import scan
 from .models.registry import build_backbone
 from .visualize import mid_planes
 
@@ -52,7 +55,11 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
     if hp.get("kind") != "subfore-finetune":
         raise SubforeError(f"{path}: not a 'subfore finetune' checkpoint (a pretraining checkpoint or encoder.pt "
                            f"cannot segment; finetune it first)")
-    cfg = FinetuneConfig.model_validate(hp["config"])
+    scan(hp, path, "hyper_parameters.")  # names in a checkpoint are data: checked before anything reads them
+    try:
+        cfg = FinetuneConfig.model_validate(hp["config"])
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, f"{path}: hyper_parameters.config")) from None
     net = build_backbone(cfg.model, cfg.data.channels, cfg.model.out_channels, cfg.data.roi)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:

@@ -17,9 +17,11 @@ from .models.nnunet.network import (
     in_projection_keys,
     load_architecture,
     plan_record,
+    plans_extract,
+    resolve_plans,
     total_strides,
 )
 
 __all__ = ["ExportReport", "INSTALL", "MODELS", "RESENC_L", "RESENC_L_PATCH", "RESENC_L_SPACING", "SEG", "architecture",
            "build_network", "describe", "export_nnunet", "in_projection_keys", "link_config", "load_architecture",
-           "match_weights", "plan_record", "plans_configuration", "preset_from_plans", "read_plans", "total_strides"]
+           "match_weights", "plan_record", "plans_extract", "resolve_plans", "plans_configuration", "preset_from_plans", "read_plans", "total_strides"]

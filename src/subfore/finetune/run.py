@@ -17,6 +17,9 @@ from ..data.brats import resolve_convention
 from ..data.phantoms import ensure_phantoms
 from ..engine.run import MetricsWriter, RunControl, make_trainer, resolve_resume
 from ..io import write_text
+from ..errors import SubforeError
+from ..models.artifact import read_weights
+from ..models.nnunet.network import network_from_weights
 from ..models.registry import resolve_backbone
 from ..models.weights import load_pretrained
 from .data import finetune_cases, loaders
@@ -29,10 +32,20 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
     d = cfg.data
+    pretrained = pretrained or cfg.finetune.pretrained
+    ckpt_path = resolve_resume(Path(cfg.run_dir), resume)
+    # Read first, before any data: a weights file that is unreadable or names code is refused before anything else.
+    found = read_weights(pretrained) if pretrained and ckpt_path is None else None
+    if network_from_weights(cfg.model) and found is not None:
+        # As nnU-Net's PretrainedTrainer: the network is the one the weights file describes. The config (and every
+        # checkpoint) then holds it inline, so the run does not need the file to rebuild its network.
+        if found.architecture is None or found.family not in (None, "resenc"):
+            raise SubforeError(f"{found.describe()}: names no nnU-Net architecture to build model.name resenc from; "
+                               f"set model.nnunet_plans or model.nnunet_architecture")
+        cfg.model.nnunet_architecture = found.architecture
     backbone = resolve_backbone(cfg.model)
     backbone.check_roi(d.roi)
     run_dir = Path(cfg.run_dir)
-    ckpt_path = resolve_resume(run_dir, resume)
     pl.seed_everything(cfg.seed, verbose=False)
     ensure_phantoms(d.phantoms)
     preset = d.preset_obj()
@@ -40,13 +53,12 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
         d.brats_labels = resolve_convention(d.brats_labels, [d.train] if isinstance(d.train, str) else d.train)
     items, val_items = finetune_cases(cfg)
     model = SegmentationModel(cfg, backbone)
-    pretrained = pretrained or cfg.finetune.pretrained
     # Before the Trainer starts anything: weights that do not fit (or would run code) are refused first. Resuming,
     # the checkpoint's weights supersede them.
     report = None
-    if pretrained and ckpt_path is None:
-        report = load_pretrained(model.net, pretrained, cfg.model.name, cfg.finetune.adapt_in_channels,
-                                 cfg.finetune.min_encoder_loaded)
+    if found is not None:
+        report = load_pretrained(model.net, found, cfg.model.name, cfg.finetune.adapt_in_channels,
+                                 cfg.finetune.min_encoder_loaded, architecture=backbone.architecture)
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [

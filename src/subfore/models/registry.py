@@ -113,8 +113,7 @@ class Backbone:
                 f"data.roi {list(roi)} does not divide into masking.subvolume_size={subvolume_size} subvolumes")
 
     def describe(self) -> str:
-        m = self.model
-        return nnunet_nets.describe(self.spec.name, m.nnunet_plans, m.nnunet_configuration)
+        return nnunet_nets.describe(self.model)
 
     def build(self, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
         """(B, in_channels, *roi) → (B, out_channels, *roi) for a crop :meth:`check_roi` accepted."""
@@ -140,14 +139,12 @@ class Backbone:
 
 
 def resolve_backbone(model) -> Backbone:
-    """The backbone a model section describes, with its nnU-Net plans (if any) read once."""
+    """The backbone a model section describes; an nnU-Net plans file (if any) is read here, once, into
+    ``model.nnunet_plan``, so that the config (and every checkpoint of the run) carries the network itself."""
     spec = backbone_spec(model.name)
     if not spec.nnunet:
         return Backbone(spec, model)
-    inline = getattr(model, "nnunet_architecture", None)
-    arch = nnunet_nets.architecture(model.name, model.nnunet_plans, model.nnunet_configuration, inline)
-    plan = nnunet_nets.plan_record(model.name, model.nnunet_plans, model.nnunet_configuration, inline)
-    return Backbone(spec, model, arch, plan)
+    return Backbone(spec, model, nnunet_nets.architecture(model), nnunet_nets.plan_record(model))
 
 
 def build_backbone(model, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import SubforeError
 from .artifact import WeightsFile, read_weights
+from .nnunet.architecture import first_difference
 from .registry import backbone_spec
 
 
@@ -71,17 +72,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return read_weights(path).state
 
 
-# The released SwinUNETR self-supervised weights (model_swinvit.pt) name the Swin encoder without its
-# ``swinViT.`` parent and its MLP layers fc1/fc2; MONAI names them linear1/linear2.
 _V2_BLOCK = re.compile(r"^swinViT\.layers[1-4]c\.")  # SwinUNETR v2's residual conv blocks
-_SWIN_TOP = ("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")
-
-
-def _swin_released(key: str) -> str | None:
-    """``layers1.0.blocks.0.mlp.fc1.weight`` → ``swinViT.layers1.0.blocks.0.mlp.linear1.weight``; None if not one."""
-    if not key.startswith(_SWIN_TOP):
-        return None
-    return "swinViT." + key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
 
 
 def repeat_stem(src: torch.Tensor, channels: int) -> torch.Tensor:
@@ -108,39 +99,44 @@ def check_family(found: WeightsFile, family: str) -> None:
                            f"{family}; set model.name: {found.family} (and its sizes) or give weights of a {family}")
 
 
-def check_architecture(found: WeightsFile, target: dict[str, torch.Tensor], keys: list[str]) -> None:
-    """nnssl and nnU-Net files carry a whole architecture: every one of ``keys`` must be there with the same shape."""
+def check_architecture(found: WeightsFile, architecture: dict | None, target: dict[str, torch.Tensor],
+                       usable: dict[str, torch.Tensor], keys: list[str]) -> None:
+    """nnssl and nnU-Net files carry a whole architecture: it must be this network's in everything but the input
+    channels (the first difference named), and every one of ``keys`` must load (the stem adapted or not)."""
+    if architecture is not None and found.architecture is not None:
+        diff = first_difference(architecture, found.architecture)
+        if diff:
+            raise SubforeError(f"{found.describe()}: its architecture differs from this network's (model.name and "
+                               f"plans): first difference {diff}")
     for key in keys:
-        src = found.state.get(key)
-        if src is None or src.shape != target[key].shape:
+        if key not in usable:
+            src = found.state.get(key)
             have = "absent" if src is None else str(list(src.shape))
             raise SubforeError(f"{found.describe()}: its architecture differs from this network's (model.name and "
                                f"plans): first difference {key}: {have} in the file, {list(target[key].shape)} here")
 
 
-def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_channels: str = "repeat",
-                    min_encoder: float = 0.9, head: bool = False) -> LoadReport:
-    """Load ``path`` into ``net`` (a network of backbone ``family``) non-strictly and report.
+def load_pretrained(net: nn.Module, path: str | Path | WeightsFile, family: str, adapt_in_channels: str = "repeat",
+                    min_encoder: float = 0.9, head: bool = False, architecture: dict | None = None) -> LoadReport:
+    """Load ``path`` (or the file :func:`~subfore.models.artifact.read_weights` read) into ``net`` (a network of
+    backbone ``family``) non-strictly and report.
 
     Refuses (one line) when less than ``min_encoder`` of the encoder's tensors load (v2-only SwinUNETR blocks
     missing from a v1 pretraining do not count against it), when a tensor fits no shape, or, for nnssl and nnU-Net
-    files, when any encoder tensor differs. head: also load the output layer where its shape fits (continuing a
-    pretraining: the same reconstruction task); a finetuning never loads it.
+    files, when their architecture differs from ``architecture`` (the network's own, nnU-Net families) in anything
+    but the input channels. A first layer of another channel count is adapted (``repeat``: the channel mean over C,
+    repeated; ``reinit``: left at init) for every format. head: also load the output layer where its shape fits
+    (continuing a pretraining: the same reconstruction task); a finetuning never loads it.
     """
     if adapt_in_channels not in ("repeat", "reinit"):
         raise SubforeError(f"finetune.adapt_in_channels must be 'repeat' or 'reinit', got {adapt_in_channels!r}")
-    found = read_weights(path)
+    found = path if isinstance(path, WeightsFile) else read_weights(path)
+    path = found.path
     check_family(found, family)
     source = found.state
     target = net.state_dict()
     report = LoadReport(source=found.describe())
-    if family == "swinunetr":
-        renamed = {}
-        for k, v in source.items():
-            new = _swin_released(k) if k not in target else None
-            renamed[new or k] = v
-            report.renamed += new is not None and new in target
-        source = renamed
+    report.renamed = sum(k in target for k in found.renamed)
     spec = backbone_spec(family)
     usable = {}
     out_layer = spec.head
@@ -158,8 +154,8 @@ def load_pretrained(net: nn.Module, path: str | Path, family: str, adapt_in_chan
             report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}")
     enc = spec.encoder
     encoder_keys = spec.encoder_keys(target)
-    if found.kind in ("nnssl checkpoint", "nnU-Net weights"):
-        check_architecture(found, target, encoder_keys)
+    if found.whole_architecture:
+        check_architecture(found, architecture, target, usable, encoder_keys)
     if family == "swinunetr" and not any(_V2_BLOCK.match(k) for k in source):
         report.expected_missing = sorted(k for k in encoder_keys if _V2_BLOCK.match(k))
     report.encoder_total = len(encoder_keys) - len(report.expected_missing)

@@ -19,6 +19,7 @@ from ..masking.teacher import TeacherGuidedMask, ema_momentum, ranking_loss, spe
 from ..models.artifact import EncoderMeta, write_encoder
 from ..models.mae import patch_grid
 from ..models.registry import Backbone, resolve_backbone
+from ..models.artifact import WeightsFile
 from ..models.weights import LoadReport, load_pretrained
 
 
@@ -294,10 +295,11 @@ class MaskedImageModel(RunModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
-    def init_weights(self, path: str | Path) -> LoadReport:
+    def init_weights(self, path: str | Path | WeightsFile) -> LoadReport:
         """Start from the weights in ``path`` (every encoder tensor, and the output layer where it fits); the EMA
         teacher starts from the same weights."""
-        report = load_pretrained(self.net, path, self.cfg.model.name, head=True)
+        report = load_pretrained(self.net, path, self.cfg.model.name, head=True,
+                                 architecture=self.backbone.architecture)
         if self.teacher is not None:
             self.teacher.load_state_dict(self.net.state_dict())
         return report

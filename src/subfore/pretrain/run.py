@@ -17,6 +17,7 @@ from ..errors import SubforeError
 from ..engine.run import MetricsWriter, RunControl, make_trainer, resolve_resume
 from ..engine.sampling import check_fill
 from ..io import append_jsonl, read_jsonl, write_text
+from ..models.artifact import read_weights
 from ..probe import Probe, load_into, plot_curve
 from ..visualize import save_snapshot
 from ..data.datalist import as_list, first_source
@@ -78,13 +79,15 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
         raise SubforeError(f"init_from {cfg.init_from}: starts a new run, --resume continues one from its checkpoint; "
                            f"give one (--resume-if-exists takes both: init on the first start, resume after)")
     ckpt_path = resolve_resume(run_dir, resume)
+    # Read before the crop store is built: a weights file that is unreadable or names code is refused first.
+    init = read_weights(cfg.init_from) if cfg.init_from and ckpt_path is None else None
     pl.seed_everything(cfg.seed, verbose=False)
     plan = resolve(cfg)
     model = MaskedImageModel(cfg, plan.backbone, (plan.threshold, plan.window))
     model.data_summary = {"volumes": len(plan.train_items), "sources": [str(s) for s in as_list(cfg.data.train)]}
     # Before the Trainer starts anything: a file that does not fit is refused first. Resuming, the checkpoint's
     # weights supersede the initial ones.
-    report = model.init_weights(cfg.init_from) if cfg.init_from and ckpt_path is None else None
+    report = model.init_weights(init) if init is not None else None
     t = cfg.train
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                  every_n_train_steps=t.ckpt_every, save_on_train_epoch_end=False)

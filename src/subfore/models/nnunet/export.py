@@ -19,11 +19,10 @@ from ... import __version__
 from ...data.presets import Preset
 from ...errors import SubforeError
 from ...io import atomic_path, load_torch, torch_save
-from ..artifact import EncoderMeta, read_encoder
+from ..artifact import EncoderMeta, meta_architecture, read_encoder
 from ..weights import repeat_stem
 from . import nnssl
-from .network import (MODELS, RESENC_L, RESENC_L_PATCH, SEG, architecture, build_network, in_projection_keys,
-                      load_architecture)
+from .network import MODELS, RESENC_L, RESENC_L_PATCH, SEG, build_network, in_projection_keys, load_architecture
 
 
 @dataclass
@@ -121,18 +120,20 @@ def export_nnunet(run_dir: str | Path, out: str | Path, plans: str | Path | None
     The target network is built from ``plans``/``configuration`` (default: the pretraining's own architecture)
     with ``in_channels`` inputs; the file is then loaded back with nnU-Net's ``load_pretrained_weights``.
     """
-    run, meta, state = _read_run(run_dir)
-    model = meta.model
     if configuration is not None and plans is None:
         raise SubforeError("--configuration names a configuration of --plans; give --plans too")
+    if plans is not None:  # the plans first: a file that names code is refused before anything else is read
+        configuration = configuration or "3d_fullres"
+        target = load_architecture(plans, configuration), f"{plans} (configuration '{configuration}')"
+    run, meta, state = _read_run(run_dir)
+    model = meta.model
     source_arch = _architecture(meta)
     c_pre = meta.in_channels
     c_out = c_pre if in_channels is None else int(in_channels)
     if c_out < 1:
         raise SubforeError(f"--in-channels must be at least 1, got {c_out}")
     if plans is not None:
-        configuration = configuration or "3d_fullres"
-        arch, where = load_architecture(plans, configuration), f"{plans} (configuration '{configuration}')"
+        arch, where = target
     else:
         arch, where = source_arch, "the pretraining's own architecture"
     target_net = build_network(arch, c_out, 2)
@@ -176,9 +177,10 @@ def _read_run(run_dir: str | Path) -> tuple[Path, EncoderMeta, dict]:
 
 
 def _architecture(meta: EncoderMeta) -> dict:
-    m = meta.model
-    return (meta.nnunet or {}).get("architecture") or architecture(
-        m["name"], m.get("nnunet_plans"), m.get("nnunet_configuration", "3d_fullres"), m.get("nnunet_architecture"))
+    arch = meta_architecture(meta)
+    if arch is None:
+        raise SubforeError(f"{meta.source or 'encoder.json'}: names no nnU-Net architecture")
+    return arch
 
 
 def _inline(model: dict, arch: dict) -> dict:

@@ -3,20 +3,23 @@
     >>> net = build_network(load_architecture("nnUNetResEncUNetMPlans.json", "3d_fullres"), 1, 1)
     >>> export_nnunet("runs/resenc", "resenc.pth", plans="nnUNetResEncUNetLPlans.json")   # for -pretrained_weights
 
-Networks are built by nnU-Net's own ``get_network_from_plans`` (dynamic-network-architectures underneath), so
-the state_dict keys are exactly those ``nnUNetv2_train`` builds. Needs the ``nnunet`` extra (docs/nnunet.md).
+Networks are dynamic-network-architectures' classes, built as nnU-Net's ``get_network_from_plans`` builds them
+(the state_dict keys are exactly those ``nnUNetv2_train`` has), from names resolved by the allow-list in
+:mod:`.architecture` only. Needs the ``nnunet`` extra (docs/nnunet.md).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
-import pydoc
 from pathlib import Path
 from typing import Any
 
 from ...data.plans import plans_configuration, read_plans
 from ...errors import ConfigError, SubforeError
+from .architecture import check as checked
+from .architecture import network_class, op_classes
 
 INSTALL = ('pip install -e ".[nnunet]" && pip install --no-deps nnunetv2==2.8.1 '
            'dynamic-network-architectures==0.4.4 (docs/nnunet.md)')
@@ -50,46 +53,86 @@ RESENC_L_PATCH = (160, 160, 160)
 
 
 def load_architecture(path: str | Path, configuration: str = "3d_fullres") -> dict:
-    """The ``architecture`` entry (network_class_name, arch_kwargs, _kw_requires_import) of a 3D configuration."""
-    conf = plans_configuration(read_plans(path), configuration, path)
+    """The checked ``architecture`` entry (network_class_name, arch_kwargs, _kw_requires_import) of a plans file."""
+    return extract_architecture(plans_extract(path, configuration), path)
+
+
+def plans_extract(path: str | Path, configuration: str = "3d_fullres") -> dict:
+    """What a run keeps of a plans file (read here, once): a plans dict with that one configuration resolved.
+
+    Holds the configuration (its ``architecture`` checked against the allow-list), ``transpose_forward``/
+    ``_backward``, the foreground intensity properties, the plans' names and the file it came from: everything the
+    network and the ``nnunet`` preset need, so that a checkpoint carrying it needs no plans file.
+    """
+    plans = read_plans(path)
+    conf = plans_configuration(plans, configuration, path)
     arch = conf.get("architecture")
     if not isinstance(arch, dict) or not {"network_class_name", "arch_kwargs"} <= set(arch):
         raise ConfigError(f"{path}: configuration '{configuration}' has no 'architecture' entry (plans of "
                           f"nnU-Net < 2.4?); plan again with nnUNetv2_plan_experiment")
-    arch = {"network_class_name": arch["network_class_name"], "arch_kwargs": arch["arch_kwargs"],
-            "_kw_requires_import": list(arch.get("_kw_requires_import", []))}
-    if len(total_strides(arch)) != 3:
+    conf["architecture"] = checked(arch, path, f"configurations.{configuration}.architecture.")
+    if len(total_strides(conf["architecture"])) != 3:
         raise ConfigError(f"{path}: configuration '{configuration}' is not 3D; use 3d_fullres (or 3d_lowres)")
-    return arch
+    keep = ("plans_name", "dataset_name", "transpose_forward", "transpose_backward",
+            "foreground_intensity_properties_per_channel")
+    return {"plans_file": str(Path(path).resolve()), "configuration": configuration,
+            **{k: copy.deepcopy(plans[k]) for k in keep if k in plans}, "configurations": {configuration: conf}}
 
 
-def architecture(name: str, plans: str | Path | None, configuration: str = "3d_fullres",
-                 inline: dict | None = None) -> dict:
-    """The architecture of ``model.name`` resenc (``inline``, else from the plans) or resenc_l (fixed)."""
-    if name == "resenc_l":
+def extract_architecture(extract: dict, source: Any = "model.nnunet_plan") -> dict:
+    """The checked architecture of a :func:`plans_extract` (from a plans file, a config or a checkpoint)."""
+    name = extract.get("configuration")
+    conf = (extract.get("configurations") or {}).get(name) if isinstance(extract, dict) else None
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{source}: the plans extract has no configuration {name!r}")
+    return checked(conf.get("architecture"), source, f"configurations.{name}.architecture.")
+
+
+def resolve_plans(model) -> None:
+    """Read ``model.nnunet_plans`` once into ``model.nnunet_plan`` (unless it already holds that file's extract)."""
+    if not model.nnunet_plans:
+        return
+    have = model.nnunet_plan or {}
+    if have.get("configuration") == model.nnunet_configuration and have.get("given") == str(model.nnunet_plans):
+        return  # a resolved config (config.yaml, a checkpoint's): the extract stands for the file, present or not
+    extract = plans_extract(model.nnunet_plans, model.nnunet_configuration)
+    model.nnunet_plan = {"given": str(model.nnunet_plans), **extract}
+
+
+def network_from_weights(model) -> bool:
+    """Does the model section leave the network to the pretrained weights (``model.name: resenc``, nothing else)?"""
+    return model.name == "resenc" and not model.nnunet_plans and model.nnunet_plan is None and \
+        model.nnunet_architecture is None
+
+
+def architecture(model) -> dict:
+    """The checked architecture of a model section: resenc_l's (fixed), the plans' (read once), or inline."""
+    if model.name == "resenc_l":
         return copy.deepcopy(RESENC_L)
-    if inline is not None and plans is None:
-        return {"network_class_name": inline["network_class_name"], "arch_kwargs": copy.deepcopy(inline["arch_kwargs"]),
-                "_kw_requires_import": list(inline.get("_kw_requires_import", []))}
-    if plans is None:
-        raise ConfigError("model.name resenc needs model.nnunet_plans (an nnU-Net plans JSON)")
-    return load_architecture(plans, configuration)
+    resolve_plans(model)
+    if model.nnunet_plan is not None:
+        return extract_architecture(model.nnunet_plan)
+    if model.nnunet_architecture is not None:
+        return checked(model.nnunet_architecture, None, "model.nnunet_architecture.")
+    raise ConfigError("model.name resenc needs its network: model.nnunet_plans (an nnU-Net plans JSON), "
+                      "model.nnunet_architecture, or (finetuning) pretrained weights that carry it (an nnssl or "
+                      "nnU-Net checkpoint, a subfore resenc run)")
 
 
-def plan_record(name: str, plans: str | Path | None, configuration: str = "3d_fullres",
-                inline: dict | None = None) -> dict:
+def plan_record(model) -> dict:
     """The pretraining's plan as plain data (kept in encoder.json and in exports): file, names, configuration."""
-    if name == "resenc" and plans is None and inline is not None:
-        return {"plans": None, "configuration": None, "plans_name": "model.nnunet_architecture",
-                "plan": {"architecture": architecture(name, None, inline=inline)}}
-    if name == "resenc_l":
+    if model.name == "resenc_l":
         return {"plans": None, "configuration": None, "plans_name": "nnssl ResEnc-L",
                 "plan": {"architecture": copy.deepcopy(RESENC_L), "spacing": list(RESENC_L_SPACING),
                          "patch_size": list(RESENC_L_PATCH)}}
-    loaded = read_plans(plans)
-    return {"plans": str(Path(plans).resolve()), "configuration": configuration,
-            "plans_name": loaded.get("plans_name"), "dataset_name": loaded.get("dataset_name"),
-            "plan": plans_configuration(loaded, configuration, plans)}
+    resolve_plans(model)
+    extract = model.nnunet_plan
+    if extract is None:
+        return {"plans": None, "configuration": None, "plans_name": "model.nnunet_architecture",
+                "plan": {"architecture": architecture(model)}}
+    name = extract["configuration"]
+    return {"plans": extract.get("plans_file"), "configuration": name, "plans_name": extract.get("plans_name"),
+            "dataset_name": extract.get("dataset_name"), "plan": copy.deepcopy(extract["configurations"][name])}
 
 
 def total_strides(arch: dict) -> tuple[int, ...]:
@@ -105,10 +148,13 @@ def total_strides(arch: dict) -> tuple[int, ...]:
     return tuple(out)
 
 
-def describe(name: str, plans: str | Path | None, configuration: str) -> str:
-    if name == "resenc_l":
+def describe(model) -> str:
+    if model.name == "resenc_l":
         return "resenc_l (nnssl's ResEnc-L)"
-    return f"the '{configuration}' network of {plans}" if plans else "the network of model.nnunet_architecture"
+    plans = model.nnunet_plans or (model.nnunet_plan or {}).get("plans_file")
+    if plans:
+        return f"the '{model.nnunet_configuration}' network of {plans}"
+    return "the network of model.nnunet_architecture"
 
 
 def check_roi_for(arch: dict, roi, description: str, subvolume_size: int | None = None) -> None:
@@ -129,54 +175,34 @@ def check_roi_for(arch: dict, roi, description: str, subvolume_size: int | None 
 
 
 # --- networks ---------------------------------------------------------------------------------------
-def _builder():
-    """nnU-Net's get_network_from_plans, or (nnunetv2 absent) the same few lines over dynamic-network-architectures."""
-    try:
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-        return get_network_from_plans
-    except ImportError:
-        pass
-    try:
-        import dynamic_network_architectures  # noqa: F401
-    except ImportError:
-        raise SubforeError(f"the resenc models need nnU-Net's network code; install it with: {INSTALL}") from None
-
-    def build(cls_name, arch_kwargs, requires_import, input_channels, output_channels, allow_init=True,
-              deep_supervision=None):
-        kwargs = dict(arch_kwargs)
-        for key in requires_import:
-            if kwargs[key] is not None:
-                kwargs[key] = pydoc.locate(kwargs[key])
-        cls = pydoc.locate(cls_name)
-        if cls is None:
-            raise SubforeError(f"network class {cls_name} not found")
-        if deep_supervision is not None:
-            kwargs["deep_supervision"] = deep_supervision
-        net = cls(input_channels=input_channels, num_classes=output_channels, **kwargs)
-        if hasattr(net, "initialize") and allow_init:
-            net.apply(net.initialize)
-        return net
-
-    return build
-
-
 def build_network(arch: dict, in_channels: int, out_channels: int):
     """nnU-Net's network for ``arch``: (B, in_channels, *roi) → (B, out_channels, *roi) at full resolution.
 
+    The class and ops come from the allow-list (:mod:`.architecture`), never from the names themselves: the same
+    class nnU-Net's ``get_network_from_plans`` builds, so the state_dict keys are those ``nnUNetv2_train`` has.
     Deep supervision is off, so the decoder's lower-resolution seg_layers take no part in the forward pass;
     they are frozen (requires_grad False) so that DDP does not wait for their gradients and AdamW skips them.
     """
+    arch = checked(arch, None, "architecture.")
     try:
-        net = _builder()(arch["network_class_name"], arch["arch_kwargs"], arch.get("_kw_requires_import", []),
-                         in_channels, out_channels, allow_init=True, deep_supervision=False)
-    except (ImportError, ModuleNotFoundError) as exc:
-        raise SubforeError(f"{arch['network_class_name']}: cannot build it ({exc}); Primus needs timm, which the "
-                           f"nnunet extra leaves out") from None
-    seg = getattr(getattr(net, "decoder", None), "seg_layers", None)
-    if seg is None:
-        raise ConfigError(f"{arch['network_class_name']}: not a U-Net with decoder.seg_layers; subfore's nnU-Net "
-                          f"backbones are ResidualEncoderUNet and PlainConvUNet")
+        cls = network_class(arch)
+    except ImportError:
+        raise SubforeError(f"the resenc models need nnU-Net's network code; install it with: {INSTALL}") from None
+    kwargs = op_classes(arch)
+    accepted = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise SubforeError(f"architecture: {cls.__name__} takes no keyword {unknown[0]!r}")
+    kwargs["deep_supervision"] = False
+    try:
+        net = cls(input_channels=in_channels, num_classes=out_channels, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SubforeError(f"architecture: {cls.__name__} cannot be built from these keyword arguments "
+                           f"({type(exc).__name__}: {first})") from None
+    if hasattr(net, "initialize"):
+        net.apply(net.initialize)
+    seg = net.decoder.seg_layers
     for layer in list(seg)[:-1]:
         layer.requires_grad_(False)
     return net

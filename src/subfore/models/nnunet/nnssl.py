@@ -12,7 +12,7 @@ with ``torch.load(weights_only=True)``; the plan (nnssl's ``AdaptationPlan.seria
 - ``pretrain_num_input_channels``, ``recommended_downstream_patchsize``, ``key_to_encoder``, ``key_to_stem``,
   ``keys_to_in_proj`` (module names, no ``.weight``) and ``key_to_lpe`` (None for CNNs).
 
-Pure data: no torch, no nnU-Net import.
+Everything about nnssl's format lives here. Pure data: no nnU-Net import.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import copy
 from typing import Any
 
 from ...errors import SubforeError
+from . import architecture
 
-#: nnssl's names for the architectures subfore builds (nnssl's ARCHITECTURE_PRESETS)
-DYNAMIC = ("ResidualEncoderUNet", "PlainConvUNet")
+#: nnssl's name of its ResEnc-L preset (nnssl's ARCHITECTURE_PRESETS), the one preset subfore builds
+PRESET = "ResEncL"
 PLAN_KEYS = ("architecture_plans", "pretrain_plan", "pretrain_num_input_channels", "recommended_downstream_patchsize",
              "key_to_encoder", "key_to_stem", "keys_to_in_proj", "key_to_lpe")
 #: nnssl's ConfigurationPlan fields; nnssl's Plan.from_dict refuses any other key
@@ -64,16 +65,14 @@ def citations(model_name: str, strategy: str | None) -> list[dict]:
 def architecture_plans(model_name: str, arch: dict) -> dict:
     """nnssl's ``architecture_plans`` for a subfore nnU-Net architecture (``network_class_name``, ``arch_kwargs``)."""
     if model_name == "resenc_l":  # nnssl's preset: nnU-Net builds it by name, as for the OpenMind checkpoints
-        return {"arch_class_name": "ResEncL", "arch_kwargs": None, "arch_kwargs_requiring_import": None}
-    name = str(arch["network_class_name"])
-    if name.rsplit(".", 1)[-1] not in DYNAMIC:
-        raise SubforeError(f"{name}: nnssl checkpoints describe {' and '.join(DYNAMIC)} only")
-    kwargs = copy.deepcopy(arch["arch_kwargs"])
+        return {"arch_class_name": PRESET, "arch_kwargs": None, "arch_kwargs_requiring_import": None}
+    arch = architecture.check(arch, None, "architecture.")
+    kwargs = arch["arch_kwargs"]
     # nnssl lists the keyword arguments that are dotted class names (None ones are not imported, not listed)
-    needs = [k for k in arch.get("_kw_requires_import", []) if isinstance(kwargs.get(k), str)]
-    # The dotted name, as in nnU-Net's plans: PretrainedTrainer takes any name ending in ResidualEncoderUNet, and
-    # nnU-Net then locates the class directly instead of importing every architecture module (Primus needs timm).
-    return {"arch_class_name": name, "arch_kwargs": kwargs, "arch_kwargs_requiring_import": needs}
+    needs = [k for k in arch["_kw_requires_import"] if isinstance(kwargs.get(k), str)]
+    # The dotted name, as in nnU-Net's plans: nnU-Net then locates the class directly instead of importing every
+    # architecture module (Primus needs timm).
+    return {"arch_class_name": arch["network_class_name"], "arch_kwargs": kwargs, "arch_kwargs_requiring_import": needs}
 
 
 def configuration_plan(name: str, spacing: list[float], patch_size: list[int], schemes: list[str],
@@ -88,8 +87,9 @@ def configuration_plan(name: str, spacing: list[float], patch_size: list[int], s
             "spacing": [float(s) for s in spacing], "patch_size": [int(p) for p in patch_size]}
 
 
-def check_plan(plan: Any, source: str) -> dict:
-    """The adaptation plan of a checkpoint, with every key nnU-Net's loader reads; else one line naming the first."""
+def check_plan(plan: Any, source: Any) -> dict:
+    """The adaptation plan of a checkpoint, with every key nnU-Net's loader reads and an architecture subfore builds
+    (:mod:`.architecture`); else one line naming the file and the first bad key."""
     if not isinstance(plan, dict):
         raise SubforeError(f"{source}: 'nnssl_adaptation_plan' is not a dict")
     for key in PLAN_KEYS:
@@ -98,6 +98,11 @@ def check_plan(plan: Any, source: str) -> dict:
     arch = plan["architecture_plans"]
     if not isinstance(arch, dict) or "arch_class_name" not in arch:
         raise SubforeError(f"{source}: the nnssl adaptation plan's architecture_plans lacks 'arch_class_name'")
+    if arch["arch_class_name"] == PRESET:
+        if arch.get("arch_kwargs") or arch.get("arch_kwargs_requiring_import"):
+            raise SubforeError(f"{source}: architecture_plans names the {PRESET} preset, which takes no arch_kwargs")
+    else:
+        architecture.check(arch, source, "architecture_plans.", architecture.NNSSL_KEYS)
     confs = (plan["pretrain_plan"] or {}).get("configurations") if isinstance(plan["pretrain_plan"], dict) else None
     if not isinstance(confs, dict) or len(confs) != 1:
         raise SubforeError(f"{source}: the nnssl pretrain_plan needs exactly one configuration")
@@ -107,16 +112,27 @@ def check_plan(plan: Any, source: str) -> dict:
     return plan
 
 
-def subfore_architecture(plan: dict, source: str) -> tuple[str, dict | None]:
-    """(model.name, the nnU-Net architecture for ``model.nnunet_architecture`` or None) of an adaptation plan."""
+def subfore_architecture(plan: dict, source: Any) -> tuple[str, dict | None]:
+    """(model.name, the checked nnU-Net architecture or None for resenc_l) of a :func:`check_plan`-ed plan."""
     arch = plan["architecture_plans"]
-    name = arch["arch_class_name"]
-    if name == "ResEncL":
+    if arch["arch_class_name"] == PRESET:
         return "resenc_l", None
-    if name.rsplit(".", 1)[-1] not in DYNAMIC or not isinstance(arch.get("arch_kwargs"), dict):
-        raise SubforeError(f"{source}: an nnssl '{name}' checkpoint; subfore builds ResEncL, ResidualEncoderUNet "
-                           f"and PlainConvUNet (Primus and other transformers are not subfore backbones)")
-    module = "dynamic_network_architectures.architectures.unet."
-    return "resenc", {"network_class_name": name if "." in name else module + name,
-                      "arch_kwargs": copy.deepcopy(arch["arch_kwargs"]),
-                      "_kw_requires_import": list(arch.get("arch_kwargs_requiring_import") or [])}
+    return "resenc", architecture.check(arch, source, "architecture_plans.", architecture.NNSSL_KEYS)
+
+
+def encoder_meta(plan: dict, source: Any) -> dict:
+    """encoder.json content for a :func:`check_plan`-ed plan: its architecture, channels, patch and preprocessing
+    (nnU-Net's axis order)."""
+    from ...data.plans import preset_from_plan
+
+    name, arch = subfore_architecture(plan, source)
+    pretrain = plan["pretrain_plan"]
+    conf_name, conf = next(iter(pretrain["configurations"].items()))
+    if not conf.get("spacing"):
+        raise SubforeError(f"{source}: the nnssl pretraining did not resample (spacing None); subfore needs the "
+                           f"spacing its network saw")
+    channels = int(plan["pretrain_num_input_channels"])
+    preset = preset_from_plan(pretrain, conf, source, conf_name, channels)
+    model = {"name": name, **({"nnunet_architecture": arch} if arch else {})}
+    return {"model": model, "in_channels": channels, "roi": [int(p) for p in conf["patch_size"]],
+            "preset": preset.model_dump(mode="json"), "source": "nnssl checkpoint"}
