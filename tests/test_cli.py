@@ -82,3 +82,29 @@ def test_threshold_at_b_min_is_rejected_on_the_command_line(phantom_dir, tmp_pat
 def test_debug_shows_the_traceback(tmp_path):
     proc = run("--debug", "show-mask", tmp_path / "missing.nii.gz", "--out", tmp_path / "x.png")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (KeyError("state_dict"), 1, "error: internal error, a bug in subfore (KeyError: 'state_dict'); rerun with "
+                                "--debug for the traceback and report it"),
+    (MemoryError(), 1, "error: out of memory (MemoryError); lower train.batch_size, data.roi or --sw-batch-size, or "
+                       "set model.checkpointing: true"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1, "error: out of memory (CUDA out of memory. "
+                                                                          "Tried to allocate 2.00 GiB); lower"),
+    (KeyboardInterrupt(), 130, "stopped: interrupted (Ctrl-C)"),
+])
+def test_every_exception_leaves_the_cli_as_one_line(raised, code, line, tmp_path, monkeypatch, capsys):
+    import subfore.api
+    from subfore.cli.app import main
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(subfore.api, "pretrain", fail)
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--config", "configs/pretrain/demo_cpu.yaml", "--set", f"run_dir={tmp_path / 'run'}"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert exit_.value.code == code and len(err) == 1 and err[0].startswith(line), err
+    # --debug: the traceback, as raised (Ctrl-C as Typer's own exit 130)
+    with pytest.raises(SystemExit if isinstance(raised, KeyboardInterrupt) else type(raised)):
+        main(["--debug", "pretrain", "--config", "configs/pretrain/demo_cpu.yaml"])

@@ -358,3 +358,24 @@ def test_real_ct_segmentation_scores_one_against_itself_flipped_both_ways(checkp
     btcv = {"spleen": 1.0, "right_kidney": 1.0, "left_kidney": 1.0}
     assert [{k: c["dice"][k] for k in btcv} for c in result["cases"]] == [btcv, btcv]
     assert [c["resampled"] for c in result["cases"]] == [False, True]
+
+
+def test_predict_refuses_two_inputs_of_one_case_name_before_any_inference(checkpoint, phantom_dir, tmp_path):
+    import shutil
+
+    image = phantom_dir / "imagesTr" / "phantom_000.nii.gz"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(image, tmp_path / folder / "ct.nii.gz")
+    out = tmp_path / "pred"
+    proc = subprocess.run([str(Path(sys.executable).parent / "subfore"), "predict", "--checkpoint", str(checkpoint),
+                           str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)], capture_output=True, text=True)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert f"{tmp_path / 'b' / 'ct.nii.gz'}: has the case name 'ct' of {tmp_path / 'a' / 'ct.nii.gz'} too" in lines[0]
+    assert not out.exists()  # refused before anything was written
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run([str(Path(sys.executable).parent / "subfore"), "predict", "--checkpoint", str(checkpoint),
+                           str(tmp_path / "a"), "--out", str(tmp_path / "file")], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip() == (f"error: {tmp_path / 'file'}: exists and is not a folder; "
+                                                           f"--out names the folder the label files go to")

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .config import FinetuneConfig, format_errors
 from .data.brats import from_regions
-from .data.datalist import case_id, load_datalists
+from .data.datalist import as_list, case_id, load_datalists
 from .data.dataset import load_item
 from .data.transforms import preprocess
 from .errors import ConfigError, SubforeError
@@ -80,14 +80,25 @@ def predict(
     precision: str = "32",
 ) -> list[Path]:
     """Write one label NIfTI per input on the input's own grid (shape, affine, orientation) plus an overlay PNG."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SubforeError(f"{out_dir}: exists and is not a folder; --out names the folder the label files go to")
     cfg, net = load_finetuned(checkpoint, device)
+    items = load_datalists(list(inputs), "training")
+    # Outputs are named CASE_seg.nii.gz: two inputs of one name (a/ct.nii.gz, b/ct.nii.gz) would overwrite each
+    # other, so they are refused before any inference.
+    seen: dict[str, str] = {}
+    for item in items:
+        name, source = case_id(item), str(as_list(item["image"])[0])
+        if name in seen:
+            raise SubforeError(f"{source}: has the case name '{name}' of {seen[name]} too; both would be written as "
+                               f"{out_dir / (name + '_seg.nii.gz')} (predict one of them into another --out)")
+        seen[name] = source
     preset = cfg.data.preset_obj()
     pre = Compose(preprocess(preset, ["image"]))
     invert = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for item in load_datalists(list(inputs), "training"):
+    for item in items:
         d = load_item(pre, item)
         image = d["image"]
         pred = predict_volume(net, torch.as_tensor(image)[None].float(), roi or cfg.data.roi,

@@ -2,7 +2,9 @@
 
 The command line is a thin layer over the Python API (``subfore.api``).
 
-User errors (bad files, bad config) print one line to stderr and exit 1; ``--debug`` shows the traceback.
+User errors (bad files, bad config) print one line to stderr and exit 1, and so does every other exception (out of
+memory names the settings that lower it; anything else is reported as a bug); Ctrl-C prints one line and exits 130;
+``--debug`` shows the traceback.
 A run stopped by SIGTERM/SIGUSR1 saves its checkpoint and exits 75 (``subfore.preempt.EXIT_PREEMPTED``).
 """
 
@@ -109,6 +111,32 @@ def main(argv: Optional[List[str]] = None) -> None:
         code = getattr(exc, "exit_code", 1)
         typer.echo(f"{'stopped' if code != 1 else 'error'}: {_one_line(exc)}", err=True)
         sys.exit(code)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Typer turns Ctrl-C into a silent exit 130; every other exit passes through as it is.
+        if debug or (isinstance(exc, SystemExit) and exc.code != 130):
+            raise
+        # Every file is written under a temporary name and renamed when complete: nothing half-written remains.
+        typer.echo("stopped: interrupted (Ctrl-C); files written so far are complete, a run resumes from its last "
+                   "checkpoint with --resume", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the boundary: every exception leaves as one line
+        if debug:
+            raise
+        if _out_of_memory(exc):
+            typer.echo(f"error: out of memory ({_one_line(exc)[:200]}); lower train.batch_size, data.roi or "
+                       f"--sw-batch-size, or set model.checkpointing: true", err=True)
+        else:
+            typer.echo(f"error: internal error, a bug in subfore ({type(exc).__name__}: {_one_line(exc)[:300]}); "
+                       f"rerun with --debug for the traceback and report it", err=True)
+        sys.exit(1)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """CPU (MemoryError, an allocator's RuntimeError) or CUDA (torch.OutOfMemoryError) out of memory."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc).lower()
+                                              or "can't allocate memory" in str(exc).lower())
 
 
 def _old_resume_form(args: list[str]) -> None:

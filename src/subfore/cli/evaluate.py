@@ -98,7 +98,8 @@ def evaluate(
 def predict(
     inputs: List[Path] = typer.Argument(..., help="images, folders or DICOM series folders"),
     checkpoint: Path = typer.Option(..., "--checkpoint"),
-    out: Path = typer.Option(..., "--out", help="folder for CASE_seg.nii.gz and CASE_overlay.png"),
+    out: Path = typer.Option(..., "--out", help="folder for CASE_seg.nii.gz and CASE_overlay.png (two inputs of "
+                             "one CASE name are refused before any inference)"),
     roi: Optional[str] = typer.Option(None, "--roi"),
     overlap: Optional[float] = typer.Option(None, "--overlap"),
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),

@@ -1,14 +1,12 @@
-"""Loading pretrained weights into a segmentation network, from the checkpoint layouts users already have.
-
-Accepted (read by :func:`subfore.models.artifact.read_weights`, never running pickled code): a raw state_dict,
-``{"state_dict": …}`` (Lightning; keys ``net.``/``model.``), ``{"model": …}``, keys prefixed ``module.``, safetensors
-files, subfore runs and model folders, nnssl checkpoints and nnU-Net ``network_weights`` files; for SwinUNETR also ``swin_vit.``/``swinViT.`` keys of research-contributions'
-``SSLHead`` and the released self-supervised ``model_swinvit.pt`` (``module.patch_embed…``,
-``module.layers1.0.blocks…``, ``mlp.fc1``/``fc2``), the layout ``SwinUNETR.load_from`` reads. A 1-channel first
-layer can be adapted to C input channels (``repeat`` scaled by 1/C, or ``reinit``).
+"""Loading pretrained weights into a segmentation network, from any format
+:data:`subfore.models.artifact.WEIGHT_FORMATS` reads (docs/architecture.md, "Weight formats"): subfore runs and
+model folders, safetensors, nnssl and nnU-Net checkpoints, Lightning checkpoints, plain state_dicts and MONAI's
+released SwinUNETR self-supervised layout. A first layer of another channel count is adapted to C input channels
+(``repeat`` scaled by 1/C, or ``reinit``), whatever the format.
 
 A pretraining's output head (``out.``, ``final_conv.``, HPM's loss channel with it) is never loaded, whatever
-its shape; a load that fills less than ``min_encoder`` of the encoder's tensors is refused.
+its shape; a load that fills less than ``min_encoder`` of the encoder's tensors is refused; a file that carries a
+whole nnU-Net architecture must describe the configured network.
 """
 
 from __future__ import annotations
