@@ -379,3 +379,27 @@ def test_predict_refuses_two_inputs_of_one_case_name_before_any_inference(checkp
                            str(tmp_path / "a"), "--out", str(tmp_path / "file")], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip() == (f"error: {tmp_path / 'file'}: exists and is not a folder; "
                                                            f"--out names the folder the label files go to")
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_nsd_and_hd95_of_a_shifted_plate_are_the_shift_in_mm_along_that_axis(axis):
+    """A one-voxel plate across ``axis`` and the same plate k voxels further along it: every surface voxel lies
+    exactly k·spacing[axis] mm from the other's, so HD95 is that distance and NSD is 1 within the tolerance, else 0.
+    With 0.78×0.78×2.5 mm, a spacing read in the wrong axis order moves both."""
+    from subfore.evaluate import case_metrics
+
+    spacing, k = (0.78, 0.78, 2.5), 2
+    shape = [48, 44, 20]
+    label = torch.zeros(1, 1, *shape, dtype=torch.uint8)
+    pred = torch.zeros_like(label)
+    index = [slice(6, s - 6) for s in shape]
+    index[axis] = 5
+    label[(0, 0, *index)] = 1
+    index[axis] = 5 + k
+    pred[(0, 0, *index)] = 1
+    distance = k * spacing[axis]  # 1.56 mm across x or y, 5.0 mm across z
+    for tolerance in (distance - 0.01, distance + 0.01):
+        m = case_metrics(pred, label, 2, spacing, tolerance_mm=tolerance, hd95=True)
+        assert m["hd95"][0] == pytest.approx(distance, abs=1e-5)
+        assert m["nsd"][0] == (1.0 if tolerance >= distance else 0.0)
+        assert m["dice"][0] == 0.0

@@ -10,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 from monai.transforms import Compose, Invertd, LoadImage, LoadImaged, ResampleToMatch
@@ -22,7 +21,7 @@ from .data.transforms import RemapLabels, eval_transforms, label_transforms
 from .errors import DataError, SubforeError
 from .inference import load_finetuned, predict, predict_volume
 from .io import write_json
-from .report import ABSENT_RULE, dice_per_class, plot_bars, write_table
+from .report import ABSENT_RULE, plot_bars, write_table
 
 HD95_RULE = ("HD95 of a class the prediction misses, or predicts where the ground truth has none, is the image "
              "diagonal in mm (the BraTS evaluation's rule); absent from both: excluded (null)")
@@ -43,26 +42,66 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, n_classes: int, spacin
     pred, label: (1, 1, D, H, W) integer labels, or (1, K, D, H, W) binary regions with ``regions``.
     spacing: voxel size in mm (NSD tolerance and HD95 are in mm). Returns lists over classes 1…K-1 (or all regions).
     HD95 follows :data:`HD95_RULE`: the image diagonal in mm when exactly one of prediction and label has the class.
+
+    Memory is bounded by a few boolean copies of the volume, whatever K: each class is scored from its own masks,
+    its surface distances on the bounding box of prediction ∪ label (padded: the surfaces are MONAI's, unchanged).
     """
-    if regions:
-        p, y = pred.float(), label.float()
-    else:
-        p = F.one_hot(pred[:, 0].long(), n_classes).permute(0, 4, 1, 2, 3).float()
-        y = F.one_hot(label[:, 0].long(), n_classes).permute(0, 4, 1, 2, 3).float()
-    bg = regions  # include_background for regions (every channel is a class)
-    dice = dice_per_class(pred, label, n_classes, regions)[0]
-    n = p.shape[1] - (0 if bg else 1)
-    nsd = SurfaceDiceMetric([tolerance_mm] * n, include_background=bg, reduction="none")(p, y, spacing=list(spacing))[0]
-    absent = y[0, (0 if bg else 1):].flatten(1).sum(1) == 0
-    nsd = nsd.masked_fill(absent, float("nan"))
-    out = {"dice": dice.tolist(), "nsd": nsd.tolist()}
-    if hd95:
-        hd = HausdorffDistanceMetric(include_background=bg, percentile=95, reduction="none")(p, y, spacing=list(spacing))[0]
-        missing = p[0, (0 if bg else 1):].flatten(1).sum(1) == 0
-        diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(p.shape[2:], spacing)))
-        hd = torch.where(absent ^ missing, torch.full_like(hd, diagonal), hd)
-        out["hd95"] = hd.masked_fill(absent & missing, float("nan")).tolist()
+    pred = pred.as_tensor() if hasattr(pred, "as_tensor") else torch.as_tensor(pred)
+    label = (label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)).to(pred.device)
+    classes = range(pred.shape[1]) if regions else range(1, n_classes)
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape[2:], spacing)))
+    # Padding of the crop: one voxel keeps MONAI's edges (the erosion sees background around the masks) and the
+    # tolerance in voxels keeps each surface's distances whole; MONAI crops to the masks itself within it.
+    pad = [1 + math.ceil(tolerance_mm / s) for s in spacing]
+    nsd_metric = SurfaceDiceMetric([tolerance_mm], include_background=True, reduction="none")
+    hd_metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+    out: dict[str, list] = {"dice": [], "nsd": []} | ({"hd95": []} if hd95 else {})
+    nan = float("nan")
+    if not regions:  # voxel counts of every class in three passes (a bool .sum() per class is ~10× slower)
+        pred, label = compact(pred, n_classes), compact(label, n_classes)
+        fp, fy = pred.flatten(), label.flatten()
+        n_pred, n_true = (torch.bincount(f, minlength=n_classes).tolist() for f in (fp, fy))
+        n_inter = torch.bincount(fy[fp == fy], minlength=n_classes).tolist()
+        del fp, fy
+        slices = [_presence(pred[0, 0], n_classes, a) | _presence(label[0, 0], n_classes, a) for a in range(3)]
+    for c in classes:
+        if regions:
+            p, y = pred[0, c].bool(), label[0, c].bool()
+            n_p, n_y, inter = int(p.count_nonzero()), int(y.count_nonzero()), int((p & y).count_nonzero())
+        else:
+            n_p, n_y, inter = n_pred[c], n_true[c], n_inter[c]
+        out["dice"].append(2.0 * inter / (n_p + n_y) if n_y else nan)  # MONAI's compute_dice, ignore_empty
+        if n_p and n_y:
+            if regions:
+                box = _box([(p | y).any(dim=[b for b in range(3) if b != a]) for a in range(3)], pad)
+                pc, yc = p[box], y[box]
+            else:  # the class's own masks on its box only
+                box = _box([present[:, c] for present in slices], pad)
+                pc, yc = pred[0, 0][box] == c, label[0, 0][box] == c
+            pc, yc = pc[None, None].float(), yc[None, None].float()
+            out["nsd"].append(float(nsd_metric(pc, yc, spacing=list(spacing))[0, 0]))
+            if hd95:
+                out["hd95"].append(float(hd_metric(pc, yc, spacing=list(spacing))[0, 0]))
+        else:  # no surface to compare: NSD 0 for a missed or spurious class (MONAI's), HD95 the diagonal
+            out["nsd"].append(0.0 if n_y else nan)
+            if hd95:
+                out["hd95"].append(diagonal if n_p or n_y else nan)
     return out
+
+
+def _presence(labels: torch.Tensor, n_classes: int, axis: int) -> torch.Tensor:
+    """(slices along ``axis``, n_classes) bool: which ids occur in each slice of a (D, H, W) label map."""
+    return torch.stack([torch.bincount(labels.select(axis, i).flatten(), minlength=n_classes)[:n_classes] > 0
+                        for i in range(labels.shape[axis])])
+
+
+def _box(hits: Sequence[torch.Tensor], pad: Sequence[int]) -> tuple[slice, ...]:
+    """The bounding box of a mask from its per-axis occupancy (one bool per slice), widened by ``pad`` voxels."""
+    box = []
+    for hit, extra in zip(hits, pad):
+        where = hit.nonzero()
+        box.append(slice(max(int(where[0]) - extra, 0), min(int(where[-1]) + 1 + extra, len(hit))))
+    return tuple(box)
 
 
 def _clean(v: float) -> float | None:
@@ -230,8 +269,8 @@ def evaluate(
             d["pred"] = MetaTensor(pred[0].float(), meta=img.meta, applied_operations=img.applied_operations)
             own = load_item(raw_label, {"label": item["label"]})["label"]
             on_image, resampled = on_label_grid(invert(d)["pred"], own, as_list(item["image"])[0], item["label"])
-            pred = torch.as_tensor(on_image)[None].round().to(torch.uint8 if cfg.sigmoid else torch.long)
-            label = torch.as_tensor(own)[None]
+            pred = compact(on_image, cfg.model.out_channels)[None]
+            label = compact(own, cfg.model.out_channels)[None]
             spacing = tuple(float(v) for v in _spacing(_affine(own)))
         m = case_metrics(pred, label, cfg.model.out_channels, spacing, tolerance_mm, hd95, cfg.sigmoid)
         cases.append(_case_entry(item, scored, m, spacing, resampled=resampled))
@@ -296,12 +335,32 @@ def _read_labels(loader: LoadImage, path: str | Path, mapping: dict[int, int] | 
     if t.ndim != 4 or t.shape[0] != 1:
         raise DataError(path, f"has shape {tuple(t.shape[1:]) if t.ndim == 4 else tuple(t.shape)} with "
                               f"{t.shape[0] if t.ndim == 4 else '?'} channels; expected one 3-D label map")
-    values = torch.unique(t.as_tensor())
-    bad = values[(values < 0) | (values != values.round())]
-    if len(bad):
+    ids, bad = _label_ids(t.as_tensor())
+    if bad:
         raise DataError(path, f"holds values {[round(float(v), 4) for v in bad[:4]]} that are not label ids "
                               f"(integers ≥ 0)")
-    return RemapLabels(mapping)(t) if mapping else t
+    if mapping:
+        t = RemapLabels(mapping)(t)
+        ids, _ = _label_ids(t.as_tensor())
+    t.meta["label_ids"] = ids  # read once: the class checks below need no second pass
+    return t
+
+
+def _label_ids(t: torch.Tensor) -> tuple[list[int], list[float]]:
+    """(the ids present, values that are no label id) of a label array, without a sorted copy of the volume."""
+    if not t.is_floating_point() and t.dtype != torch.bool and (t.numel() == 0 or int(t.min()) >= 0):
+        counts = torch.bincount(t.flatten())  # counts per id: no int64 copy of the volume (torch.unique makes one)
+        return counts.nonzero().flatten().tolist(), []
+    values = torch.unique(t)
+    bad = values[(values < 0) | (values != values.round())] if values.is_floating_point() else values[values < 0]
+    return [int(v) for v in values if v >= 0 and v == int(v)], bad.tolist()
+
+
+def compact(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Integer label ids in the smallest dtype that holds ``n_classes`` (uint8 up to 256): a 512²×300 case is 79 MB."""
+    dtype = torch.uint8 if n_classes <= 256 else torch.int16 if n_classes <= 32768 else torch.int32
+    labels = labels.as_tensor() if hasattr(labels, "as_tensor") else torch.as_tensor(labels)
+    return labels.round().to(dtype) if labels.is_floating_point() else labels.to(dtype)
 
 
 def evaluate_predictions(
@@ -338,20 +397,22 @@ def evaluate_predictions(
         raise DataError(folder, f"the datalist names case {twice[0]!r} more than once; predictions are matched by name")
     files = [find_prediction(folder, c) for c in ids]  # every case found before any is scored
     declared, names = _classes(_dataset_names(data), label_map)
-    load = LoadImage(image_only=True, ensure_channel_first=True)
+    # The file's own dtype: uint8 labels stay 1 byte per voxel (float32 would take four, nibabel's float64 eight).
+    load = LoadImage(image_only=True, ensure_channel_first=True, dtype=None)
     scores, top = [], 0
     for item, file in zip(items, files):
         label = _read_labels(load, item["label"], label_map)
         pred = _read_labels(load, file, prediction_label_map)
         for t, path, option in ((label, item["label"], "--label-map"), (pred, file, "--prediction-label-map")):
-            beyond = [int(v) for v in torch.unique(t.as_tensor()) if declared is not None and v >= declared]
+            beyond = [v for v in t.meta["label_ids"] if declared is not None and v >= declared]
             if beyond:
                 raise DataError(path, f"label ids {beyond[:8]} are not among the dataset's classes 0…{declared - 1} "
                                       f"(dataset.json labels or --label-map); map them with {option}")
+        n = max(2, max(pred.meta["label_ids"] + label.meta["label_ids"]) + 1)
         pred, resampled = on_label_grid(pred, label, file, item["label"])
         spacing = tuple(float(v) for v in _spacing(_affine(label)))
-        n = max(2, int(max(pred.max(), label.max())) + 1)
-        p, y = torch.as_tensor(pred)[None].round().long(), torch.as_tensor(label)[None].round().long()
+        p, y = compact(pred, n)[None], compact(label, n)[None]
+        del pred, label
         scores.append((item, file, resampled, spacing, case_metrics(p, y, n, spacing, tolerance_mm, hd95)))
         top = max(top, n)
     n_classes = declared or top
