@@ -227,3 +227,21 @@ def test_both_spellings_of_an_allowed_op_pass_and_compare_equal():
     other["arch_kwargs"]["nonlin"] = "torch.nn.ReLU"
     assert architecture.first_difference(arch, other).startswith("arch_kwargs.nonlin: 'torch.nn.modules.activation"
                                                                   ".ReLU' in the file")
+
+
+def test_entries_without_a_class_name_and_other_configurations_of_a_plans_file_are_checked(setting):
+    from subfore.models.artifact import parse_meta
+    from subfore.models.nnunet.network import plans_extract
+
+    s, t = setting, setting["tmp"]
+    no_class = {"arch_kwargs": s["arch"]["arch_kwargs"], "_kw_requires_import": ["nonlin"]}
+    meta = {"model": {"name": "resenc", "nnunet_architecture": no_class}, "roi": [64, 64, 64],
+            "preset": {"modality": "ct"}}
+    with pytest.raises(SubforeError, match=r"^m\.json: model\.nnunet_architecture\.network_class_name = None"):
+        parse_meta(meta, "m.json")
+    plans = plans_with(copy.deepcopy(RESENC_L))
+    plans["configurations"]["2d"] = {"architecture": s["arch"], "spacing": [1.0, 1.0], "patch_size": [64, 64]}
+    (t / "p.json").write_text(json.dumps(plans))
+    with pytest.raises(SubforeError, match=r"p\.json: configurations\.2d\.architecture\.arch_kwargs\.nonlin = "):
+        plans_extract(t / "p.json", "3d_fullres")
+    assert not s["marker"].exists()

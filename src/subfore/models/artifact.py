@@ -110,6 +110,16 @@ def parse_meta(meta: Any, source: str | Path) -> EncoderMeta:
     """Validate encoder.json content (from a file, a safetensors header or a model folder's config.json); every
     architecture it names is checked against the allow-list first."""
     architecture.scan(meta, source)
+    if isinstance(meta, dict):  # entries scan() cannot recognise (no class-name key) are checked by where they sit
+        model, nnunet = meta.get("model"), meta.get("nnunet")
+        if isinstance(model, dict) and model.get("nnunet_architecture") is not None:
+            architecture.check(model["nnunet_architecture"], source, "model.nnunet_architecture.")
+        if isinstance(model, dict) and isinstance(model.get("nnunet_plan"), dict):
+            from .nnunet.network import extract_architecture
+
+            extract_architecture(model["nnunet_plan"], source)
+        if isinstance(nnunet, dict) and nnunet.get("architecture") is not None:
+            architecture.check(nnunet["architecture"], source, "nnunet.architecture.")
     if isinstance(meta, dict) and isinstance(meta.get("format"), int) and meta["format"] > ENCODER_FORMAT:
         raise SubforeError(f"{source}: encoder.json format {meta['format']} is newer than this subfore reads "
                            f"(format {ENCODER_FORMAT}); upgrade subfore")

@@ -128,7 +128,9 @@ def check(arch: Any, source: Any, prefix: str = "", keys: tuple[str, str, str] =
             out[key] = copy.deepcopy(value)
     if "conv_op" not in out:
         raise SubforeError(f"{at}{kw_key} lacks conv_op")
-    return {"network_class_name": BARE.get(name, name), "arch_kwargs": out, "_kw_requires_import": list(requires)}
+    # A listed keyword the entry does not set is dropped: nnU-Net's builder would fail on it (KeyError).
+    return {"network_class_name": BARE.get(name, name), "arch_kwargs": out,
+            "_kw_requires_import": [k for k in requires if k in out]}
 
 
 def network_class(arch: dict):
@@ -180,6 +182,14 @@ def _listed(value: Any) -> Any:
 
 
 def scan(obj: Any, source: Any, prefix: str = "") -> None:
+    """Check every architecture entry anywhere in ``obj`` (see :func:`_scan`); absurdly deep data is refused."""
+    try:
+        _scan(obj, source, prefix)
+    except RecursionError:
+        raise SubforeError(f"{source}: nested too deeply to be a weights file's or plans' plain data") from None
+
+
+def _scan(obj: Any, source: Any, prefix: str = "") -> None:
     """Check every architecture entry anywhere in ``obj`` (a file's plain data), so that none is read unchecked.
 
     Entries are dicts with ``network_class_name`` (nnU-Net's plans), ``arch_class_name`` (nnssl) or ``class`` with
@@ -194,8 +204,8 @@ def scan(obj: Any, source: Any, prefix: str = "") -> None:
             check(obj, source, prefix, ("class", "kwargs", "kwargs_requiring_import"))
         for key, value in obj.items():
             if isinstance(value, (dict, list, tuple)):
-                scan(value, source, f"{prefix}{key}.")
+                _scan(value, source, f"{prefix}{key}.")
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
             if isinstance(value, (dict, list, tuple)):
-                scan(value, source, f"{prefix}{i}.")
+                _scan(value, source, f"{prefix}{i}.")

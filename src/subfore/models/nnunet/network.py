@@ -19,7 +19,7 @@ from typing import Any
 from ...data.plans import plans_configuration, read_plans
 from ...errors import ConfigError, SubforeError
 from .architecture import check as checked
-from .architecture import network_class, op_classes
+from .architecture import network_class, op_classes, scan
 
 INSTALL = ('pip install -e ".[nnunet]" && pip install --no-deps nnunetv2==2.8.1 '
            'dynamic-network-architectures==0.4.4 (docs/nnunet.md)')
@@ -65,6 +65,7 @@ def plans_extract(path: str | Path, configuration: str = "3d_fullres") -> dict:
     network and the ``nnunet`` preset need, so that a checkpoint carrying it needs no plans file.
     """
     plans = read_plans(path)
+    scan(plans, path)  # every configuration's entry, the one inherited from too: a plans file never names code
     conf = plans_configuration(plans, configuration, path)
     arch = conf.get("architecture")
     if not isinstance(arch, dict) or not {"network_class_name", "arch_kwargs"} <= set(arch):
