@@ -12,15 +12,16 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
-from monai.transforms import Compose, Invertd, LoadImage, LoadImaged, ResampleToMatch
+from monai.transforms import Invertd, LoadImage, ResampleToMatch
 
 from .data.brats import convention_of, named_labels
 from .data.datalist import IMAGE_SUFFIXES, as_list, case_id, load_datalists
-from .data.dataset import load_item
-from .data.transforms import RemapLabels, eval_transforms, label_transforms
-from .errors import DataError, SubforeError
-from .inference import load_finetuned, predict, predict_volume
-from .io import write_json
+from .data.dataset import check_labels, load_item
+from .data.transforms import RemapLabels, eval_transforms, label_checks, label_problem
+from .errors import DataError, SubforeError, root_message
+from .inference import check_window, load_finetuned, predict, predict_volume
+from .io import check_output, write_json
+from .progress import track
 from .report import ABSENT_RULE, plot_bars, write_table
 
 HD95_RULE = ("HD95 of a class the prediction misses, or predicts where the ground truth has none, is the image "
@@ -219,6 +220,7 @@ def evaluate(
     method: str | None = None,
     label_map: dict[int, int] | None = None,
     grid: str = "label",
+    progress: bool = True,
 ) -> dict:
     """Score a finetuned checkpoint on a labelled datalist; write metrics.json, a Markdown table and a bar chart.
 
@@ -226,10 +228,13 @@ def evaluate(
     checkpoint's own ``data.label_map``. grid: ``label`` scores on each ground truth's own grid (predictions are
     inverted onto the image's grid, as nnU-Net evaluates, then resampled by nearest neighbour onto the label's
     where the two files' affines differ); ``resampled`` scores on the training spacing (faster, approximate).
+    Every label is read and checked before any inference. progress: a bar and a line per case on stderr.
     """
     if grid not in GRIDS:
         raise SubforeError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    check_output(out)
     cfg, net = load_finetuned(checkpoint, device)
+    roi = check_window(cfg, roi)
     if label_map is not None:
         cfg.data.label_map = {int(k): int(v) for k, v in label_map.items()}
     items = load_datalists(data, split)
@@ -243,16 +248,15 @@ def evaluate(
     # On the label's grid the label is read untouched, not through the image's chain (whose shape check would refuse
     # a label stored transposed).
     transform = eval_transforms(cfg, preset, with_label=grid == "resampled")
+    d = cfg.data
+    raw_label = label_checks(d.label_map, d.regions, d.brats_labels, cfg.model.out_channels)
+    check_labels(items, raw_label)  # a bad label stops the command now, not after the inference before it
     if grid == "label":
         invert = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True)
-        d = cfg.data
-        raw_label = Compose([LoadImaged("label", image_only=True, ensure_channel_first=True),
-                             *label_transforms(d.label_map, d.regions, d.brats_labels, cfg.model.out_channels)])
     names = cfg.class_names()
     scored = names if cfg.sigmoid else names[1:]
-    roi = roi or cfg.data.roi
     cases = []
-    for item in items:
+    for item in track(items, "evaluate", case_id, progress):
         d = load_item(transform, item)
         image = torch.as_tensor(d["image"])[None].float()
         pred = predict_volume(net, image, roi, overlap if overlap is not None else cfg.finetune.sw_overlap,
@@ -330,30 +334,34 @@ def _classes(names: dict[int, str], label_map: dict[int, int] | None) -> tuple[i
 
 
 def _read_labels(loader: LoadImage, path: str | Path, mapping: dict[int, int] | None) -> MetaTensor:
-    """A label file as (1, X, Y, Z) float ids (through ``{src: dst}`` where given), its affine in RAS mm."""
-    t = loader(str(path))
-    if t.ndim != 4 or t.shape[0] != 1:
-        raise DataError(path, f"has shape {tuple(t.shape[1:]) if t.ndim == 4 else tuple(t.shape)} with "
-                              f"{t.shape[0] if t.ndim == 4 else '?'} channels; expected one 3-D label map")
-    ids, bad = _label_ids(t.as_tensor())
-    if bad:
-        raise DataError(path, f"holds values {[round(float(v), 4) for v in bad[:4]]} that are not label ids "
-                              f"(integers ≥ 0)")
+    """A label file as (1, X, Y, Z) ids in the file's dtype (through ``{src: dst}`` where given), its affine in RAS
+    mm; a file that cannot be read, is not one 3D map or holds no label ids raises DataError naming it."""
+    try:
+        t = loader(str(path))
+    except Exception as exc:  # noqa: BLE001 - readers fail in many types (EOFError, ImageFileError, ...)
+        raise DataError(path, f"cannot be read as a label map ({root_message(exc)})") from None
+    if t.ndim != 4:
+        raise DataError(path, f"expected a 3D label map, got a {t.ndim - 1}D image of shape {tuple(t.shape[1:])}")
+    if t.shape[0] != 1:
+        raise DataError(path, f"has {t.shape[0]} channels or volumes of shape {tuple(t.shape[1:])}; expected one 3D "
+                              f"label map")
+    problem = label_problem(t)
+    if problem:
+        raise DataError(path, problem)
+    ids = _label_ids(t.as_tensor())
     if mapping:
         t = RemapLabels(mapping)(t)
-        ids, _ = _label_ids(t.as_tensor())
+        ids = _label_ids(t.as_tensor())
     t.meta["label_ids"] = ids  # read once: the class checks below need no second pass
     return t
 
 
-def _label_ids(t: torch.Tensor) -> tuple[list[int], list[float]]:
-    """(the ids present, values that are no label id) of a label array, without a sorted copy of the volume."""
-    if not t.is_floating_point() and t.dtype != torch.bool and (t.numel() == 0 or int(t.min()) >= 0):
-        counts = torch.bincount(t.flatten())  # counts per id: no int64 copy of the volume (torch.unique makes one)
-        return counts.nonzero().flatten().tolist(), []
-    values = torch.unique(t)
-    bad = values[(values < 0) | (values != values.round())] if values.is_floating_point() else values[values < 0]
-    return [int(v) for v in values if v >= 0 and v == int(v)], bad.tolist()
+def _label_ids(t: torch.Tensor) -> list[int]:
+    """The ids present in a label array that :func:`label_problem` accepted, without a sorted copy of an integer
+    volume."""
+    if not t.is_floating_point() and t.dtype != torch.bool:
+        return torch.bincount(t.flatten()).nonzero().flatten().tolist()  # counts per id: no int64 copy
+    return [int(v) for v in torch.unique(t)]
 
 
 def compact(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -373,6 +381,7 @@ def evaluate_predictions(
     method: str | None = None,
     label_map: dict[int, int] | None = None,
     prediction_label_map: dict[int, int] | None = None,
+    progress: bool = True,
 ) -> dict:
     """Score label files written by any tool (nnU-Net, TotalSegmentator, ``subfore predict``) on a labelled datalist.
 
@@ -385,6 +394,7 @@ def evaluate_predictions(
     folder = Path(predictions)
     if not folder.is_dir():
         raise DataError(folder, "no such folder of predictions")
+    check_output(out)
     label_map = {int(k): int(v) for k, v in label_map.items()} if label_map else None
     prediction_label_map = {int(k): int(v) for k, v in prediction_label_map.items()} if prediction_label_map else None
     items = load_datalists(data, split)
@@ -400,7 +410,7 @@ def evaluate_predictions(
     # The file's own dtype: uint8 labels stay 1 byte per voxel (float32 would take four, nibabel's float64 eight).
     load = LoadImage(image_only=True, ensure_channel_first=True, dtype=None)
     scores, top = [], 0
-    for item, file in zip(items, files):
+    for item, file in track(list(zip(items, files)), "evaluate", lambda pair: case_id(pair[0]), progress):
         label = _read_labels(load, item["label"], label_map)
         pred = _read_labels(load, file, prediction_label_map)
         for t, path, option in ((label, item["label"], "--label-map"), (pred, file, "--prediction-label-map")):

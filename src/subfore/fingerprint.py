@@ -15,10 +15,11 @@ import torch
 from monai.utils import set_determinism
 
 from .config import PretrainConfig
-from .data.datalist import load_datalists
-from .io import save_figure, write_json
+from .data.datalist import case_id, load_datalists
+from .io import check_output, save_figure, write_json
 from .masking import foreground_grid
 from .masking.grid import exact_count
+from .progress import track
 from .pretrain.data import crop_volumes, resolve
 
 
@@ -32,8 +33,11 @@ def crop_shares(crops: torch.Tensor, size: int, threshold, ratio: float) -> tupl
 
 
 def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | Path, crops: int = 64,
-                seed: int = 0) -> dict:
-    """Sample ``crops`` random training crops of ``datalist``; write DIR/fingerprint.json and foreground_share.png."""
+                seed: int = 0, progress: bool = True) -> dict:
+    """Sample ``crops`` random training crops of ``datalist``; write DIR/fingerprint.json and foreground_share.png.
+
+    progress: a bar and a line per volume on stderr."""
+    check_output(out_dir, "folder")
     d, mk = cfg.data, cfg.masking
     plan = resolve(cfg, read_data=False, check_roi=False)  # preset and λ exactly as pretraining resolves them
     items = load_datalists(datalist, d.train_split)
@@ -43,7 +47,7 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
     items = [items[i] for i in torch.randperm(len(items), generator=g)[:crops].tolist()]
     per_volume = max(1, math.ceil(crops / len(items)))
     shares, masked = [], []
-    for sample in _crops(plan, items, per_volume, seed):
+    for sample in _crops(plan, items, per_volume, seed, progress):
         f, m = crop_shares(sample[None].float(), mk.subvolume_size, threshold, mk.ratio)
         shares.append(float(f[0]))
         masked.append(float(m[0]))
@@ -67,12 +71,13 @@ def fingerprint(datalist: str | list[str], cfg: PretrainConfig, out_dir: str | P
     return result
 
 
-def _crops(plan, items: list[dict], per_volume: int, seed: int):
+def _crops(plan, items: list[dict], per_volume: int, seed: int, progress: bool = False):
     """What the foreground is decided on (the image, or its reference where the preset carries one), (C, *roi), of
     ``per_volume`` random training crops of each item, cut as pretraining cuts them."""
     volumes = crop_volumes(plan, items, per_volume)
+    order = track(range(len(volumes)), "fingerprint", lambda i: case_id(items[i]), progress)
     if plan.cfg.data.cache_dir is not None:
-        for i in range(len(volumes)):
+        for i in order:
             for sample in volumes.draw(i, seed + i):
                 yield sample.get("reference", sample["image"])
         return
@@ -80,7 +85,7 @@ def _crops(plan, items: list[dict], per_volume: int, seed: int):
     set_determinism(seed)
     volumes.inner.transform.set_random_state(seed)
     try:
-        for i in range(len(volumes)):
+        for i in order:
             for sample in volumes[i]:
                 yield torch.as_tensor(sample.get("reference", sample["image"]))
     finally:

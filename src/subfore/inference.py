@@ -3,6 +3,7 @@ on each input's own grid (``subfore predict``)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,9 +22,10 @@ from .data.datalist import as_list, case_id, load_datalists
 from .data.dataset import load_item
 from .data.transforms import preprocess
 from .errors import ConfigError, SubforeError
-from .io import load_torch, save_figure, write_with
+from .io import check_output, load_torch, save_figure, write_with
 from .models.nnunet.architecture import scan
-from .models.registry import build_backbone
+from .models.registry import build_backbone, resolve_backbone
+from .progress import track
 from .visualize import mid_planes
 
 
@@ -69,6 +71,18 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
     return cfg, net.to(device).eval()
 
 
+def check_window(cfg: FinetuneConfig, roi: Sequence[int] | None) -> tuple[int, ...]:
+    """The sliding-window size to use (``roi`` or the training crop), refused in one line naming ``--roi`` when
+    the network cannot take it."""
+    if roi is None:
+        return tuple(cfg.data.roi)
+    try:
+        resolve_backbone(cfg.model).check_roi(roi)
+    except ConfigError as exc:
+        raise SubforeError(str(exc).replace("data.roi", "--roi", 1)) from None
+    return tuple(int(r) for r in roi)
+
+
 def predict(
     checkpoint: str | Path,
     inputs: Sequence[str | Path],
@@ -78,13 +92,21 @@ def predict(
     sw_batch_size: int | None = None,
     device: str = "cpu",
     precision: str = "32",
+    progress: bool = True,
 ) -> list[Path]:
-    """Write one label NIfTI per input on the input's own grid (shape, affine, orientation) plus an overlay PNG."""
+    """Write one label NIfTI per input on the input's own grid (shape, affine, orientation) plus an overlay PNG.
+
+    An input that fails (unreadable, not 3D, …) does not stop the others: each output is written whole or not at
+    all, and a SubforeError at the end names every input that failed and where the others went. ``out_dir`` is
+    made only when a first file is written. progress: a bar and a line per case on stderr.
+    """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SubforeError(f"{out_dir}: exists and is not a folder; --out names the folder the label files go to")
+    check_output(out_dir, "folder")
     cfg, net = load_finetuned(checkpoint, device)
+    roi = check_window(cfg, roi)
     items = load_datalists(list(inputs), "training")
+    if not items:
+        raise SubforeError(f"no input image found in {', '.join(str(i) for i in inputs)}")
     # Outputs are named CASE_seg.nii.gz: two inputs of one name (a/ct.nii.gz, b/ct.nii.gz) would overwrite each
     # other, so they are refused before any inference.
     seen: dict[str, str] = {}
@@ -97,11 +119,17 @@ def predict(
     preset = cfg.data.preset_obj()
     pre = Compose(preprocess(preset, ["image"]))
     invert = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True)
-    written = []
-    for item in items:
-        d = load_item(pre, item)
+    written, failed = [], []
+    for item in track(items, "predict", case_id, progress):
+        try:
+            d = load_item(pre, item)
+        except SubforeError as exc:  # a bad input is named at the end; the others are still segmented
+            failed.append(str(exc))
+            if progress:
+                print(f"predict: skipped {exc}", file=sys.stderr, flush=True)
+            continue
         image = d["image"]
-        pred = predict_volume(net, torch.as_tensor(image)[None].float(), roi or cfg.data.roi,
+        pred = predict_volume(net, torch.as_tensor(image)[None].float(), roi,
                               overlap if overlap is not None else cfg.finetune.sw_overlap,
                               sw_batch_size or cfg.finetune.sw_batch_size, cfg.sigmoid, precision).cpu()[0]
         if cfg.sigmoid:  # TC/WT/ET → the label ids of the convention the network was trained on
@@ -116,8 +144,10 @@ def predict(
                           suffix=".nii.gz")
         _overlay(np.asarray(image[0]), np.asarray(pred[0]), out_dir / f"{name}_overlay.png", name)
         written.append(path)
-    if not written:
-        raise SubforeError("no input image found")
+    if failed:
+        where = f"the other {len(written)} label file(s) are in {out_dir}" if written else "nothing was written"
+        names = "; ".join(failed[:3]) + (f"; and {len(failed) - 3} more" if len(failed) > 3 else "")
+        raise SubforeError(f"{len(failed)} of {len(items)} inputs failed ({names}); {where}")
     return written
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +93,13 @@ def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
     path = Path(path)
     if not path.is_file():
         raise SubforeError(f"{path}: no such {what}" + (" (a folder; give a file)" if path.is_dir() else ""))
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive; older files are a bare pickle (protocol byte 0x80). Anything else is not a
+    # weights file at all, whatever the pickle reader would say about its first byte.
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise SubforeError(f"{path}: not a weights file (neither a PyTorch zip archive nor a pickle); give a "
+                           f"{what} written by torch.save, or a .safetensors file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -161,3 +169,28 @@ def truncate_jsonl(path: str | Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
     write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def check_output(path: str | Path, kind: str = "file", option: str = "--out") -> Path:
+    """Refuse an output path before any work is done: a folder where a file goes (or the reverse), a parent that is a
+    file, or a place this process cannot write (tried with a file made and removed). kind: ``file`` or ``folder``."""
+    from .errors import SubforeError
+
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise SubforeError(f"{option} {path}: is a folder; name the file to write in it")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise SubforeError(f"{option} {path}: exists and is not a folder")
+    existing = path if kind == "folder" else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SubforeError(f"{option} {path}: {existing} is a file, not a folder, so nothing can be written under it")
+    # os.access passes root everywhere; a file made and removed again is the answer for read-only mounts too.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".subfore-write-check-", dir=existing)
+    except OSError:
+        raise SubforeError(f"{option} {path}: the folder {existing} is not writable by this user") from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+    return path

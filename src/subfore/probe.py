@@ -22,12 +22,13 @@ from monai.transforms import Compose
 from torch import nn
 
 from .config import ModelConfig, ProbeSettings
-from .data.datalist import load_datalists
-from .data.dataset import load_item
+from .data.datalist import case_id, load_datalists
+from .data.dataset import check_labels, load_item
 from .data.presets import Preset
-from .data.transforms import preprocess, remap_labels
+from .data.transforms import label_checks, preprocess, remap_labels
 from .errors import DataError, SubforeError
-from .io import read_jsonl, write_json, write_text
+from .io import check_output, read_jsonl, write_json, write_text
+from .progress import track
 from .models.artifact import read_encoder
 from .models.registry import backbone_spec, resolve_backbone
 from .report import bar_chart, dice_per_class, line_chart
@@ -118,7 +119,7 @@ class Probe:
     """The probe's data, read once; ``run(net)`` scores any network of the architecture it was built for."""
 
     def __init__(self, settings: ProbeSettings, model: ModelConfig | dict, in_channels: int, roi, preset: Preset,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", progress: bool = False) -> None:
         model = ModelConfig.model_validate(model) if isinstance(model, dict) else model
         self.settings, self.model, self.in_channels, self.roi, self.preset = settings, model, in_channels, roi, preset
         self.backbone = resolve_backbone(model)  # nnU-Net plans read once, however often the probe runs
@@ -129,6 +130,9 @@ class Probe:
         for item in self.train_items + self.test_items:
             if "label" not in item:
                 raise DataError(item["image"], "has no label: the probe needs labelled volumes")
+        # Every label read and checked (readable, 3D, integer ids) before any network runs; the map sends others to 0.
+        check_labels(self.train_items + self.test_items, label_checks(None, None, None, 2 ** 31 - 1))
+        self.progress = progress
         ids = set(settings.label_map.values()) if settings.label_map else None
         self.n_classes = (max(ids) + 1) if ids else None
         self.names = self._names()
@@ -150,7 +154,7 @@ class Probe:
             torch.manual_seed(seed)
         return self.backbone.build(self.in_channels, self.in_channels, self.roi)
 
-    def run(self, net: nn.Module) -> dict[str, Any]:
+    def run(self, net: nn.Module, which: str = "pretrained") -> dict[str, Any]:
         """Frozen features of ``net`` → fitted head → {'mean_dice', 'dice': {class: value}} on the test volumes.
 
         Training volumes contribute at most ``voxels`` per class each; test volumes are scored one at a time, so
@@ -158,12 +162,14 @@ class Probe:
         """
         extractor = FeatureExtractor(net.to(self.device), self.model.name)
         g = torch.Generator().manual_seed(self.settings.seed)
+        what = f"probe ({which})"
         train = [subsample(*extract(extractor, item, self.preset, self.roi, self.settings, self.device),
-                           self.settings.voxels, g) for item in self.train_items]
+                           self.settings.voxels, g)
+                 for item in track(self.train_items, f"{what} train", case_id, self.progress)]
         n = self.n_classes or int(max(int(lab.max()) for _, lab in train)) + 1
         head, mean, std = fit_linear(train, n, self.settings)
         total = torch.zeros(n - 1, 2, dtype=torch.float64)
-        for item in self.test_items:
+        for item in track(self.test_items, f"{what} test", case_id, self.progress):
             feats, label = extract(extractor, item, self.preset, self.roi, self.settings, self.device)
             with torch.no_grad():
                 pred = head((feats - mean) / std).argmax(1)
@@ -172,7 +178,7 @@ class Probe:
         return _summary((total[:, 0] / total[:, 1]).tolist(), names)  # 0/0 → NaN: absent from every test case
 
     def baseline(self) -> dict[str, Any]:
-        return self.run(self.network(seed=self.settings.seed))
+        return self.run(self.network(seed=self.settings.seed), "random init")
 
 
 def load_into(net: nn.Module, state: dict[str, torch.Tensor], name: str, source: str | Path,
@@ -193,10 +199,14 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], name: str, source:
         raise SubforeError(f"{source}: does not fit the architecture of its encoder.json (e.g. {bad})")
 
 
-def probe_encoder(encoder: str | Path, settings: ProbeSettings, out: str | Path, device: str = "cpu") -> dict:
-    """Probe ``encoder`` (with its encoder.json) and the random-init baseline; write probe.json, .md and .png."""
+def probe_encoder(encoder: str | Path, settings: ProbeSettings, out: str | Path, device: str = "cpu",
+                  progress: bool = True) -> dict:
+    """Probe ``encoder`` (with its encoder.json) and the random-init baseline; write probe.json, .md and .png.
+
+    progress: a bar and a line per volume on stderr."""
+    check_output(out)
     meta, state = read_encoder(encoder)
-    probe = Probe(settings, meta.model, meta.in_channels, meta.roi, meta.preset, device)
+    probe = Probe(settings, meta.model, meta.in_channels, meta.roi, meta.preset, device, progress)
     net = probe.network(seed=settings.seed)
     load_into(net, state, meta.name, encoder, meta.model.get("encoding", "dense"))
     pretrained = probe.run(net)

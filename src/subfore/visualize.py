@@ -17,7 +17,7 @@ from .data.dataset import load_item  # noqa: E402
 from .data.presets import Preset  # noqa: E402
 from .data.transforms import center_transforms, preprocess  # noqa: E402
 from .errors import DataError  # noqa: E402
-from .io import save_figure, write_json  # noqa: E402
+from .io import check_output, save_figure, write_json  # noqa: E402
 from .masking import expand_grid, foreground_grid, make_generator, subvolume_means  # noqa: E402
 from .masking.foreground import parse_threshold  # noqa: E402
 from .masking.grid import otsu_thresholds  # noqa: E402
@@ -55,6 +55,9 @@ def show_mask(
 
     Returns ``{"subvolumes", "foreground", "masked", "threshold"}`` and writes it to ``json_out``.
     """
+    check_output(out)
+    if json_out is not None:
+        check_output(json_out, option="--json")
     x = load_crop(image, preset, roi)
     thr = parse_threshold(threshold, window=preset.window)
     options = {"threshold": thr} if strategy == "foreground" else {}
@@ -116,7 +119,7 @@ def analyze(
     """
     if labels and len(labels) != len(images):
         raise DataError(labels[0], f"{len(labels)} label files for {len(images)} images; give one per image")
-    out = Path(out_dir)
+    out = check_output(out_dir, "folder")
     organ_vals, bg_vals, ent = [], [], {"foreground": [], "background": []}
     for i, image in enumerate(images):
         keys = ["image", "label"] if labels else ["image"]

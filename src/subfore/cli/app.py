@@ -10,12 +10,10 @@ A run stopped by SIGTERM/SIGUSR1 saves its checkpoint and exits 75 (``subfore.pr
 
 from __future__ import annotations
 
-import logging
-import os
+import functools
 import sys
-import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
@@ -94,11 +92,31 @@ def _roi(roi: Optional[str]):
     return None if roi is None else tuple(int(v) for v in _floats(roi, 3, "--roi"))
 
 
+class _Escaped(Exception):
+    """An EOFError raised by a command, carried past Typer (which would print a bare 'Aborted.' for it)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def keep_eof(command: Callable) -> Callable:
+    """Wrap a command so that an EOFError from inside it (a truncated gzip file, say) reaches :func:`main`."""
+    @functools.wraps(command)
+    def wrapped(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except EOFError as exc:
+            raise _Escaped(exc) from exc
+
+    return wrapped
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 1."""
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("monai").setLevel(logging.ERROR)
+    from .. import _quiet
+
+    _quiet.apply()
     args = list(argv if argv is not None else sys.argv[1:])
     debug = "--debug" in args
     try:
@@ -122,6 +140,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the boundary: every exception leaves as one line
         if debug:
             raise
+        exc = exc.original if isinstance(exc, _Escaped) else exc
         if _out_of_memory(exc):
             typer.echo(f"error: out of memory ({_one_line(exc)[:200]}); lower train.batch_size, data.roi or "
                        f"--sw-batch-size, or set model.checkpointing: true", err=True)

@@ -111,11 +111,12 @@ def fingerprint(
     crops: int = typer.Option(64, "--crops", help="random training crops to sample"),
     seed: int = typer.Option(0, "--seed"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a key: --set masking.threshold=0.2"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar and no line per volume"),
 ) -> None:
     """Foreground share of random training crops: will foreground masks differ from random ones on this data?"""
     from ..api import fingerprint as run, load_config
     from ..fingerprint import summary_line
 
     cfg = load_config(config, set_ or [])
-    result = run(datalist if len(datalist) > 1 else datalist[0], cfg, out, crops, seed)
-    typer.echo(f"{summary_line(result)} → {out}/fingerprint.json")
+    result = run(datalist if len(datalist) > 1 else datalist[0], cfg, out, crops, seed, progress=not quiet)
+    typer.echo(f"{summary_line(result)} → {out}/fingerprint.json, {out}/foreground_share.png")

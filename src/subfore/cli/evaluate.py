@@ -36,6 +36,7 @@ def evaluate(
                                                        "for the --predictions files' ids (default: as written)"),
     method: Optional[List[str]] = typer.Option(None, "--method", help="row name per checkpoint or predictions "
                                                "folder (default: run dir or folder name)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar and no line per case"),
 ) -> None:
     """Per-case and mean Dice and NSD per class; metrics.json, a Markdown table and a bar chart."""
     checkpoints, folders = list(checkpoint or []), list(predictions or [])
@@ -72,16 +73,17 @@ def evaluate(
             from ..api import evaluate as run
 
             result = run(source, list(data), target, split, tolerance, hd95, _roi(roi), overlap, sw_batch_size,
-                         _device(device), precision, name, mapping, grid)
+                         _device(device), precision, name, mapping, grid, progress=not quiet)
         else:
             from ..api import evaluate_predictions
 
             result = evaluate_predictions(source, list(data), target, split, tolerance, hd95, name, mapping,
-                                          pred_mapping)
+                                          pred_mapping, progress=not quiet)
         results.append(result)
         m = result["mean"]
         typer.echo(f"{result['method']}: {len(result['cases'])} cases, mean Dice {m['mean_dice']}, "
-                   f"mean NSD {m['mean_nsd']} → {target}")
+                   f"mean NSD {m['mean_nsd']} → {target} (per case; {target.with_suffix('.md')} and "
+                   f"{target.with_suffix('.png')} beside it)")
         moved = [c["case"] for c in result["cases"] if c.get("resampled")]
         if moved:
             typer.echo(f"  {len(moved)} prediction(s) resampled onto their label's grid (nearest neighbour; the "
@@ -105,12 +107,16 @@ def predict(
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar and no line per case"),
 ) -> None:
-    """Segment images; labels are written on each input's own grid (shape, affine, orientation)."""
+    """Segment images; labels are written on each input's own grid (shape, affine, orientation).
+
+    An input that fails does not stop the others; the command then exits 1 naming each failed input."""
     from ..api import predict as run
 
-    paths = run(checkpoint, [str(p) for p in inputs], out, _roi(roi), overlap, sw_batch_size, _device(device), precision)
-    typer.echo(f"wrote {len(paths)} label files to {out}")
+    paths = run(checkpoint, [str(p) for p in inputs], out, _roi(roi), overlap, sw_batch_size, _device(device), precision,
+                progress=not quiet)
+    typer.echo(f"wrote {len(paths)} label files (CASE_seg.nii.gz, with CASE_overlay.png) to {out}")
 
 
 @app.command()
@@ -124,6 +130,7 @@ def probe(
     seed: int = typer.Option(0, "--seed", help="the probe's seed (head init, voxel draws, baseline init)"),
     out: Path = typer.Option(Path("probe.json"), "--out", help="probe.json; probe.md and probe.png beside it"),
     device: str = typer.Option("auto", "--device"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar and no line per case"),
 ) -> None:
     """Linear probe of a frozen pretrained network vs the same network at random init (per-class Dice)."""
     from pydantic import ValidationError
@@ -137,5 +144,5 @@ def probe(
     except ValidationError as err:
         e = err.errors()[0]
         raise SubforeError(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})") from None
-    result = run(encoder, settings, out, _device(device))
-    typer.echo(f"{markdown_line(result)} → {out}")
+    result = run(encoder, settings, out, _device(device), progress=not quiet)
+    typer.echo(f"{markdown_line(result)} → {out} ({out.with_suffix('.md')} and {out.with_suffix('.png')} beside it)")

@@ -40,6 +40,14 @@ def load_item(transform: Callable, item: dict):
         raise named_error(exc, item) from exc
 
 
+def check_labels(items: Sequence[dict], checks: Callable) -> None:
+    """Read and check every item's label (``checks``: :func:`~subfore.data.transforms.label_checks`) before any
+    inference, so that a bad label stops the command at once, named, not after the cases before it ran."""
+    for item in items:
+        if "label" in item:
+            load_item(checks, {"label": item["label"]})
+
+
 class SafeDataset(TorchDataset):
     """Wrap a MONAI dataset: a failing item raises DataError(path, cause), or is skipped once with ``skip_bad``.
 

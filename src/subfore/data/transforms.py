@@ -23,15 +23,51 @@ from monai.transforms import (
     Transposed,
 )
 
-from ..errors import DataError, SubforeError, source_name
+from ..errors import DataError, SubforeError, root_message, source_name
 from .brats import BratsRegionsd
 from .presets import Preset
+
+
+class LoadVolumed(MapTransform):
+    """LoadImaged (channel first, metadata kept) one key at a time, so a file that cannot be read is named itself.
+
+    dtype: None keeps each file's own dtype (a uint8 label stays 1 byte per voxel).
+    """
+
+    def __init__(self, keys: KeysCollection, dtype=np.float32) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.loaders = {k: LoadImaged(k, image_only=True, ensure_channel_first=True, dtype=dtype) for k in self.keys}
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                d = self.loaders[key](d)
+            except Exception as exc:  # noqa: BLE001 - readers fail in many types (EOFError, ImageFileError, ...)
+                raise DataError(source_name(d, key), f"cannot be read as {'a label map' if key == 'label' else 'an image'}"
+                                                     f" ({root_message(exc)})") from exc
+        return d
+
+
+def label_problem(label: torch.Tensor) -> str | None:
+    """Why a label array (any shape) holds no label ids, or None: every value an integer ≥ 0 (NaN is neither)."""
+    t = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
+    if t.dtype == torch.bool or t.numel() == 0:
+        return None
+    # A boolean mask of the offending voxels (1 byte each), not a sorted copy of the whole volume.
+    wrong = (~(t >= 0) | (t != t.round())) if t.is_floating_point() else t < 0
+    if not bool(wrong.any()):
+        return None
+    bad = torch.unique(t[wrong])
+    shown = ", ".join(f"{float(v):g}" for v in bad[:4].tolist())
+    return f"holds values ({shown}{', …' if bad.numel() > 4 else ''}) that are not label ids (integers ≥ 0)"
 
 
 class CheckVolumed(MapTransform):
     """Reject what would silently train on garbage: wrong dimensionality, NaN/inf voxels, mismatched labels.
 
-    Expects channel-first arrays (C, D, H, W) straight after LoadImaged; raises DataError(file, problem).
+    Expects channel-first arrays (C, D, H, W) straight after LoadVolumed; labels hold integers ≥ 0 (checked before
+    any remapping); raises DataError(file, problem). With the image absent the label alone is checked.
     """
 
     def __init__(self, keys: KeysCollection = "image", label_key: str | None = "label", channels: int = 1) -> None:
@@ -58,9 +94,19 @@ class CheckVolumed(MapTransform):
                 bad = int((~torch.isfinite(torch.as_tensor(img))).sum())
                 raise DataError(where, f"contains {bad} NaN or infinite voxels")
         if self.label_key and self.label_key in d:
-            lab, img = d[self.label_key], d[self.first_key(d)]
+            lab = d[self.label_key]
             where = source_name(d, self.label_key)
-            if lab.shape[0] != 1 or tuple(lab.shape[1:]) != tuple(img.shape[1:]):
+            if lab.ndim != 4:
+                raise DataError(where, f"expected a 3D label map, got a {lab.ndim - 1}D image of shape "
+                                       f"{tuple(lab.shape[1:])}")
+            problem = label_problem(lab)
+            if problem:  # before any remapping, which would truncate 0.5 to 0
+                raise DataError(where, problem)
+            img = d[self.first_key(d)] if list(self.key_iterator(d)) else None
+            if img is None:
+                if lab.shape[0] != 1:
+                    raise DataError(where, f"has {lab.shape[0]} channels; expected one 3D label map")
+            elif lab.shape[0] != 1 or tuple(lab.shape[1:]) != tuple(img.shape[1:]):
                 raise DataError(
                     where,
                     f"label shape {tuple(lab.shape[1:])} (channels {lab.shape[0]}) differs from its image "
@@ -148,7 +194,7 @@ def preprocess(preset: Preset, keys: Sequence[str] = ("image",), reference: bool
         # Invertible (Invertd replays it backwards), so predictions still land on each input's own grid.
         order = [Transposed(spatial, (0, *(a + 1 for a in preset.axes)))]
     return [
-        LoadImaged(keys, image_only=True, ensure_channel_first=True),
+        LoadVolumed(keys),
         CheckVolumed([k for k in keys if k != "label"], label_key="label" if "label" in keys else None,
                      channels=preset.channels),
         *copy,
@@ -247,6 +293,14 @@ class CheckLabelsd(MapTransform):
                 raise DataError(source_name(d, key), f"label ids {bad[:8]} lie outside 0…{self.out_channels - 1} "
                                                      f"(model.out_channels={self.out_channels}); set data.label_map")
         return d
+
+
+def label_checks(label_map: Mapping[int, int] | None, regions: str | None, brats_labels: str | None,
+                 out_channels: int) -> Compose:
+    """Read a label file alone in its own dtype and check it as training and scoring would: readable, 3D, integer
+    ids within the network's classes (after ``label_map``). For checking every label before any inference."""
+    return Compose([LoadVolumed("label", dtype=None), CheckVolumed("image", label_key="label"),
+                    *label_transforms(label_map, regions, brats_labels, out_channels)])
 
 
 def label_transforms(label_map: Mapping[int, int] | None, regions: str | None, brats_labels: str | None,

@@ -22,7 +22,22 @@ from ..data.dataset import make_dataset
 from ..data.presets import Preset
 from ..data.transforms import eval_transforms, label_transforms, preprocess
 from ..engine.sampling import check_fill, make_loaders, shard
-from ..errors import DataError
+from ..errors import DataError, source_name
+
+
+class PosNegCropsd(RandCropByPosNegLabeld):
+    """MONAI's pos/neg crops; a case with nowhere to draw from (no labelled voxel, no image voxel above 0) is named by
+    its label file instead of MONAI's bare 'No sampling location available'."""
+
+    def __call__(self, data, lazy=None):
+        try:
+            return super().__call__(data, lazy)
+        except ValueError as exc:
+            if "No sampling location" not in str(exc):
+                raise
+            raise DataError(source_name(data, "label"), "is all background and its image has no voxel above 0 after "
+                                                        "normalisation, so no training crop can be drawn from this "
+                                                        "case; remove it from the training split") from None
 
 
 def train_transforms(cfg: FinetuneConfig, preset: Preset) -> Compose:
@@ -39,7 +54,7 @@ def train_transforms(cfg: FinetuneConfig, preset: Preset) -> Compose:
         t.append(RandCropByLabelClassesd(keys, "label", spatial_size=list(d.roi), num_classes=cfg.model.out_channels,
                                          num_samples=d.samples_per_volume, allow_smaller=True, warn=False))
     else:
-        t.append(RandCropByPosNegLabeld(keys, "label", spatial_size=list(d.roi), pos=1, neg=1,
+        t.append(PosNegCropsd(keys, "label", spatial_size=list(d.roi), pos=1, neg=1,
                                         num_samples=d.samples_per_volume, image_key="image", image_threshold=0,
                                         allow_smaller=True))
     t += [

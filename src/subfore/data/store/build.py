@@ -352,10 +352,9 @@ def _one_thread() -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm  # Lightning's own progress-bar dependency
+    from ...progress import bar
 
-    # disable=None: shown on a terminal only, so logs and piped stderr keep one line per error.
-    return tqdm(total=total, desc=desc, unit="vol", dynamic_ncols=True, disable=None if enabled else True)
+    return bar(total, desc, enabled, unit="vol")
 
 
 def wait_for_store(spec: StoreSpec, items: Sequence[dict], skip_bad: bool, poll_s: float = 2.0,
