@@ -435,18 +435,23 @@ class FinetuneConfig(Strict):
         return ["background"] + [f"class_{i}" for i in range(1, self.model.out_channels)]
 
 
-def format_errors(err: ValidationError, source: str) -> str:
-    parts = []
+def format_errors(err: ValidationError, source: str, overrides: dict[str, str] | None = None) -> str:
+    """One line for every error of ``err``, each under the source of its key: ``source`` (the file), or the
+    ``--set`` that gave the key or a section above it (``overrides``: dotted key → the ``--set`` text)."""
+    groups: dict[str, list[str]] = {}
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
+            part = f"unknown key '{key}'"
         elif e["type"] == "missing":
-            parts.append(f"missing key '{key}'")
+            part = f"missing key '{key}'"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"'{key}': {msg}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
-    return f"{source}: " + "; ".join(parts)
+            part = f"'{key}': {msg}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else "")
+        given = [k for k in overrides or {} if key == k or key.startswith(k + ".")] if e["loc"] else []
+        where = f"--set {overrides[max(given, key=len)]}" if given else source
+        groups.setdefault(where, []).append(part)
+    return "; ".join(f"{where}: " + "; ".join(parts) for where, parts in groups.items())
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -484,18 +489,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
         if not p.exists():
             raise ConfigError(f"{p}: no such config file")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is None:  # not taken as "all defaults": an empty file is a mistake (a wrong or truncated file)
+            raise ConfigError(f"{p}: the config file is empty (no settings); give a config with its sections "
+                              f"(see configs/)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         tree.update(loaded)
+    given: dict[str, str] = {}  # dotted key → its --set text (the last one wins, as in the tree)
     for text in overrides or []:
-        set_dotted(tree, *parse_override(text))
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+        given[key] = text
     try:
         cfg = cls.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(format_errors(err, source)) from None
+        raise ConfigError(format_errors(err, source, given)) from None
     return resolve_run(cfg)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..dist import launched_layout, slurm_job
 from ..errors import SubforeError
-from ..io import append_jsonl, load_torch, truncate_jsonl
+from ..io import append_jsonl, atomic_path, check_output, load_torch, truncate_jsonl
 from ..preempt import STOP, Preempted, StopRequest
 from .module import RunModule, module_digest
 
@@ -116,28 +118,224 @@ def finite(value):
     return value
 
 
-def resolve_resume(run_dir: str | Path, resume: str | Path | None) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh run.
+COMMANDS = {"pretrain": "--init-from", "finetune": "--pretrained"}  # each command's way to start from weights
+
+
+def resolve_resume(run_dir: str | Path, resume: str | Path | None, command: str | None = None) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run (:func:`read_resume` without the state's shapes)."""
+    return read_resume(run_dir, resume, command).path
+
+
+def read_resume(run_dir: str | Path, resume: str | Path | None, command: str | None = None) -> ResumePoint:
+    """The checkpoint to continue from (``path`` None for a fresh run), read and checked before anything is built.
 
     resume: ``None`` (fresh; refused when RUN_DIR already holds a checkpoint, so two runs never mix),
     ``"last"`` (RUN_DIR/checkpoints/last.ckpt, which must exist), ``"auto"`` (last.ckpt if it exists, else
     fresh: for job scripts and elastic restarts), or a checkpoint path.
+    command: ``"pretrain"`` or ``"finetune"``: the file must be a training checkpoint of that command (checked in one
+    line naming the file); :meth:`ResumePoint.check_fits` then compares its weights with the network the config
+    builds.
     """
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if resume is None:
         if last.exists():
             raise SubforeError(f"{last}: this run_dir already holds a run; continue it with --resume, or choose "
                                f"another run_dir")
-        return None
+        return ResumePoint(None)
     if str(resume) == "auto":
-        return last if last.exists() else None
-    path = last if str(resume) == "last" else Path(resume)
+        if not last.exists():
+            return ResumePoint(None)
+        path = last
+    else:
+        path = last if str(resume) == "last" else Path(resume)
     if not path.exists():
         raise SubforeError(f"{path}: no checkpoint to resume from")
     # Read once here, weights_only, so that a file from elsewhere is refused in one line before Lightning opens it
     # (which fit() also does with weights_only=True).
-    load_torch(path, "checkpoint to resume from")
+    ckpt = load_torch(path, "checkpoint to resume from")
+    if command is None:
+        return ResumePoint(path)
+    check_kind(path, ckpt, command)
+    shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    return ResumePoint(path, shapes, ckpt["hyper_parameters"]["config"].get("model"))
+
+
+def checkpoint_kind(ckpt) -> str | None:
+    """``pretrain``/``finetune`` for a training checkpoint of that subfore command, ``lightning`` for another
+    Lightning checkpoint, ``weights`` for a bare state_dict (encoder.pt), None for anything else."""
+    if not isinstance(ckpt, dict):
+        return None
+    if not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
+        return "weights" if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()) else None
+    hp = ckpt.get("hyper_parameters")
+    config = hp.get("config") if isinstance(hp, dict) else None
+    if not isinstance(config, dict):
+        return "lightning"
+    if hp.get("kind") == "subfore-finetune":
+        return "finetune"
+    # Pretraining checkpoints carry no kind: their config is the one with a masking section.
+    return "pretrain" if "masking" in config and hp.get("kind") is None else "lightning"
+
+
+def check_kind(path: Path, ckpt, command: str) -> None:
+    """Refuse, in one line naming ``path``, a file that is not a training checkpoint of ``subfore COMMAND``."""
+    kind = checkpoint_kind(ckpt)
+    if kind == command:
+        return
+    nothing = f"so a subfore {command} run has nothing to resume from it"
+    if kind == "weights":
+        problem = f"a weights file (a bare state_dict), not a training checkpoint, {nothing}; to start from these " \
+                  f"weights, give {COMMANDS[command]} {path}"
+    elif kind in COMMANDS:
+        run = path.parent.parent if path.parent.name == "checkpoints" else Path("RUN_DIR")
+        start = f"--pretrained {run / 'encoder.pt'}" if command == "finetune" else f"--init-from {path}"
+        problem = f"a checkpoint of subfore {kind}, not of subfore {command}, which resumes only its own runs; to " \
+                  f"start from its weights, give {start}"
+    elif kind == "lightning":
+        problem = f"a Lightning checkpoint without a subfore config in its hyper_parameters, {nothing}"
+    else:
+        held = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else "a dict without state_dict and step"
+        problem = f"not a training checkpoint (it holds {held}), {nothing}"
+    raise SubforeError(f"{path}: {problem}")
+
+
+class ResumePoint:
+    """The checkpoint a run continues from (``path``; None: a fresh run), its weights' shapes and recorded model."""
+
+    def __init__(self, path: Path | None, shapes: dict[str, tuple[int, ...]] | None = None,
+                 model: dict | None = None) -> None:
+        self.path = path
+        self.shapes = shapes or {}
+        self.model = model
+
+    def check_fits(self, module: torch.nn.Module, model_name: str) -> None:
+        """Refuse, in one line naming the file, a checkpoint whose weights do not fit ``module`` (the network this
+        config builds) tensor for tensor: what Lightning's strict load would stop on, before any data is read."""
+        if self.path is None:
+            return
+        mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        theirs = self.shapes
+        missing = [k for k in mine if k not in theirs]
+        extra = [k for k in theirs if k not in mine]
+        reshaped = [k for k in mine if k in theirs and mine[k] != theirs[k]]
+        if not (missing or extra or reshaped):
+            return
+        recorded = (self.model or {}).get("name")
+        parts = [f"model.name {recorded} in the checkpoint, {model_name} here"] \
+            if recorded and recorded != model_name else []
+        counts = [f"{len(names)} {what}" for names, what in ((reshaped, "of another shape"),
+                                                             (missing, "missing from the checkpoint"),
+                                                             (extra, "not in this network")) if names]
+        if reshaped:
+            example = f"{reshaped[0]} is {list(theirs[reshaped[0]])} in the checkpoint, {list(mine[reshaped[0]])} here"
+        else:
+            example = f"{missing[0]} missing from the checkpoint" if missing else f"{extra[0]} not in this network"
+        parts.append(f"tensors: {', '.join(counts)}; e.g. {example}")
+        raise SubforeError(f"{self.path}: its weights do not fit the network this config builds "
+                           f"({'; '.join(parts)}); resume with the config of the run that wrote it (its config.yaml)")
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """Refuse, before any work, a run_dir that cannot hold a run: a file, a folder under a file, one of the run's
+    own folders (checkpoints, tensorboard) that is a file, or a place this process cannot write. Creates nothing."""
+    path = check_output(run_dir, "folder", "run_dir")
+    for name in ("checkpoints", "tensorboard", "snapshots"):
+        sub = path / name
+        if sub.exists() and not sub.is_dir():
+            raise SubforeError(f"run_dir {path}: {sub} is a file, where the run writes its {name} folder")
     return path
+
+
+class RunFolder:
+    """What a run adds to its folder, taken away again when the run fails before it saved a checkpoint.
+
+    Made just before the run's first write (config.yaml, the TensorBoard log); used as a context manager around the
+    rest. On an exception (not a preemption, which saved its checkpoint; not Ctrl-C) with no checkpoint saved or
+    changed by this run, every file and folder that was not there when it was made is removed (a run folder, and the
+    parents of it, that the run created go too when empty), and the files of its top level that it rewrote
+    (config.yaml, metrics.jsonl) get their earlier bytes back: a rerun finds the folder as it was. Nothing else that
+    was there before (a resumed run's files) is touched, nor ``keep`` (a data cache or phantoms inside the run
+    folder); after a checkpoint everything stays, for --resume. ``owner``: False on ranks other than 0, which change
+    nothing.
+    """
+
+    SAVED_BYTES = 16 << 20  # top-level files up to this size are kept in memory to be put back
+
+    def __init__(self, run_dir: str | Path, keep: Iterable[str | Path | None] = ()) -> None:
+        self.run_dir = Path(run_dir)
+        self.keep = [Path(k).resolve() for k in keep if k]
+        self.owner = True
+        self.created: list[Path] = []  # the run folder and its parents that do not exist yet, deepest first
+        p = self.run_dir
+        while not p.exists() and p != p.parent:
+            self.created.append(p)
+            p = p.parent
+        self.before = self._paths()
+        self.checkpoints = self._checkpoints()
+        self.saved = {p.name: p.read_bytes() for p in (self.run_dir.iterdir() if self.run_dir.is_dir() else ())
+                      if p.is_file() and not p.is_symlink() and p.stat().st_size <= self.SAVED_BYTES}
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None and issubclass(kind, Exception) and not issubclass(kind, Preempted) and self.owner \
+                and self._checkpoints().items() <= self.checkpoints.items():
+            try:
+                self._remove_added()
+            except OSError as err:  # the run's own error is the one to report
+                log.warning("%s: could not remove what the failed run wrote (%s)", self.run_dir, err)
+        return False
+
+    def _kept(self, path: Path) -> bool:
+        """Is ``path`` one of ``keep``, or a folder holding one?"""
+        p = path.resolve()
+        return any(k == p or p in k.parents for k in self.keep)
+
+    def _paths(self) -> set[str]:
+        out: set[str] = set()
+        for root, dirs, files in os.walk(self.run_dir):
+            dirs[:] = [d for d in dirs if not any(Path(root, d).resolve() == k for k in self.keep)]
+            out.update(os.path.relpath(os.path.join(root, name), self.run_dir) for name in dirs + files)
+        return out
+
+    def _checkpoints(self) -> dict[str, tuple[int, int, int]]:
+        found = {}
+        for p in sorted((self.run_dir / "checkpoints").glob("*.ckpt")):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            found[p.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        return found
+
+    def _remove_added(self) -> None:
+        for root, dirs, files in os.walk(self.run_dir):
+            for name in list(dirs):
+                p = Path(root, name)
+                if os.path.relpath(p, self.run_dir) in self.before or self._kept(p):
+                    if p.resolve() in self.keep or p.is_symlink():
+                        dirs.remove(name)  # a kept path, or a link the walk does not follow
+                    continue
+                dirs.remove(name)
+                if p.is_symlink():
+                    p.unlink()
+                else:
+                    shutil.rmtree(p)
+            for name in files:
+                p = Path(root, name)
+                if os.path.relpath(p, self.run_dir) not in self.before and not self._kept(p):
+                    p.unlink(missing_ok=True)
+        for name, data in self.saved.items():
+            p = self.run_dir / name
+            if not p.is_file() or p.read_bytes() != data:
+                with atomic_path(p) as tmp:
+                    tmp.write_bytes(data)
+        for folder in self.created:  # deepest first; a folder something else now uses stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def device_for(accelerator: str) -> str:

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from ..config import FinetuneConfig, dump_config
 from ..data.brats import resolve_convention
 from ..data.phantoms import ensure_phantoms
-from ..engine.run import MetricsWriter, RunControl, make_trainer, resolve_resume
+from ..engine.run import MetricsWriter, RunControl, RunFolder, check_run_dir, make_trainer, read_resume
 from ..io import write_text
 from ..errors import SubforeError
 from ..models.artifact import read_weights
@@ -32,8 +32,10 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
     d = cfg.data
+    run_dir = check_run_dir(cfg.run_dir)
     pretrained = pretrained or cfg.finetune.pretrained
-    ckpt_path = resolve_resume(Path(cfg.run_dir), resume)
+    point = read_resume(run_dir, resume, "finetune")
+    ckpt_path = point.path
     # Read first, before any data: a weights file that is unreadable or names code is refused before anything else.
     found = read_weights(pretrained) if pretrained and ckpt_path is None else None
     if network_from_weights(cfg.model) and found is not None:
@@ -45,7 +47,10 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
         cfg.model.nnunet_architecture = found.architecture
     backbone = resolve_backbone(cfg.model)
     backbone.check_roi(d.roi)
-    run_dir = Path(cfg.run_dir)
+    if ckpt_path is not None:
+        # Before any data is read, a checkpoint of another network is refused in one line (not by Lightning's load).
+        # The run's own module is built after the data, which completes its config (data.brats_labels).
+        point.check_fits(SegmentationModel(cfg, backbone), cfg.model.name)
     pl.seed_everything(cfg.seed, verbose=False)
     ensure_phantoms(d.phantoms)
     preset = d.preset_obj()
@@ -68,15 +73,18 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
     if val_items is not None and cfg.finetune.select == "best":
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/dice", mode="max",
                                          save_top_k=1, enable_version_counter=False))
+    folder = RunFolder(run_dir, keep=[d.cache_dir, d.phantoms.dir if d.phantoms else None])  # before any write
     control = RunControl(run_dir)
     trainer = make_trainer(run_dir, t, callbacks + [control], validate=val_items is not None)
     train, val = loaders(cfg, preset, items, val_items, trainer)
-    if report is not None and trainer.is_global_zero:
-        print(report)
-        write_text(run_dir / "pretrained_load.txt", str(report) + "\n")
-    if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    control.fit(trainer, model, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
+    folder.owner = trainer.is_global_zero
+    with folder:  # a failure before the run's first checkpoint takes away what it wrote
+        if report is not None and trainer.is_global_zero:
+            print(report)
+            write_text(run_dir / "pretrained_load.txt", str(report) + "\n")
+        if trainer.is_global_zero:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, run_dir / "config.yaml")
+        control.fit(trainer, model, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
     best = ckpt_dir / "best.ckpt"
     return best if cfg.finetune.select == "best" and best.exists() else control.last

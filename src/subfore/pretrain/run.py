@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ..config import PretrainConfig, dump_config
 from ..errors import SubforeError
-from ..engine.run import MetricsWriter, RunControl, make_trainer, resolve_resume
+from ..engine.run import MetricsWriter, RunControl, RunFolder, check_run_dir, make_trainer, read_resume
 from ..engine.sampling import check_fill
 from ..io import append_jsonl, read_jsonl, write_text
 from ..models.artifact import read_weights
@@ -74,35 +74,43 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     resume: a checkpoint path, ``"last"`` for RUN_DIR/checkpoints/last.ckpt, or ``"auto"`` (last.ckpt if present).
     Raises :class:`~subfore.engine.Preempted` after saving ``last.ckpt`` when SIGTERM/SIGUSR1 stopped the run.
     """
-    run_dir = Path(cfg.run_dir)
+    run_dir = check_run_dir(cfg.run_dir)
     if cfg.init_from and resume is not None and str(resume) != "auto":
         raise SubforeError(f"init_from {cfg.init_from}: starts a new run, --resume continues one from its checkpoint; "
                            f"give one (--resume-if-exists takes both: init on the first start, resume after)")
-    ckpt_path = resolve_resume(run_dir, resume)
+    point = read_resume(run_dir, resume, "pretrain")
+    ckpt_path = point.path
     # Read before the crop store is built: a weights file that is unreadable or names code is refused first.
     init = read_weights(cfg.init_from) if cfg.init_from and ckpt_path is None else None
     pl.seed_everything(cfg.seed, verbose=False)
-    plan = resolve(cfg)
+    plan = resolve(cfg, read_data=False)
     model = MaskedImageModel(cfg, plan.backbone, (plan.threshold, plan.window))
+    # Before any data is read: a checkpoint of another network is refused in one line (not by Lightning's load).
+    point.check_fits(model, cfg.model.name)
+    read = resolve(cfg)  # the datalists (and the built-in phantoms, generated when asked for and absent)
+    plan.train_items, plan.val_items = read.train_items, read.val_items
     model.data_summary = {"volumes": len(plan.train_items), "sources": [str(s) for s in as_list(cfg.data.train)]}
     # Before the Trainer starts anything: a file that does not fit is refused first. Resuming, the checkpoint's
     # weights supersede the initial ones.
     report = model.init_weights(init) if init is not None else None
     t = cfg.train
+    d = cfg.data
+    folder = RunFolder(run_dir, keep=[d.cache_dir, d.phantoms.dir if d.phantoms else None])  # before any write
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                  every_n_train_steps=t.ckpt_every, save_on_train_epoch_end=False)
     control = RunControl(run_dir, on_end=lambda: model.export_encoder(run_dir))
     trainer = make_trainer(run_dir, t, [checkpoint, MetricsWriter(run_dir), RunArtifacts(run_dir, t.ckpt_every, cfg),
                                         control], cfg.data.val is not None)
-    d = cfg.data
     # Before launching anything: fail without data, say once when a step must draw a volume twice.
     check_fill(len(plan.train_items), t.batch_size, d.samples_per_volume, trainer.world_size, first_source(d.train),
                warn=trainer.is_global_zero)
-    if report is not None and trainer.is_global_zero:
-        print(report)
-        write_text(run_dir / "init_load.txt", str(report) + "\n")
-    if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    control.fit(trainer, model, datamodule=CropData(plan), ckpt_path=ckpt_path)
+    folder.owner = trainer.is_global_zero
+    with folder:  # a failure before the run's first checkpoint takes away what it wrote
+        if report is not None and trainer.is_global_zero:
+            print(report)
+            write_text(run_dir / "init_load.txt", str(report) + "\n")
+        if trainer.is_global_zero:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, run_dir / "config.yaml")
+        control.fit(trainer, model, datamodule=CropData(plan), ckpt_path=ckpt_path)
     return run_dir / "encoder.pt"
