@@ -272,6 +272,19 @@ def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phan
     assert code == results["code"] and code["commit"] == git("rev-parse", "HEAD").strip()
     assert code["dirty"] == bool(git("status", "--porcelain", "-uno", "--", "src/subfore", "configs", "pyproject.toml",
                                      "constraints.txt").strip())
+    # Where each run computed: the platform a rerun must share for its numbers to be bit-identical.
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    assert results["runs"][0]["platform"] == {
+        "cpu": next(ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "device": "cpu", "gpu": None, "cuda": None, "cudnn": None, "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": version("numpy"), "monai": version("monai"),
+        "lightning": version("lightning")}
     assert StudyConfig.model_validate(results["config"]).model_dump() == load_config(
         None, [], StudyConfig, base=tree).model_dump()
     image = phantom_dir / json.loads((phantom_dir / "dataset.json").read_text())["validation"][0]["image"]
@@ -285,6 +298,10 @@ def test_results_record_code_and_data_and_a_run_reproduces_number_by_number(phan
     assert ok.returncode == 0, ok.stdout + ok.stderr
     total = len([line for line in ok.stdout.splitlines() if line.startswith("match ")])
     assert total > 20 and f"{total} of {total} numbers match" in ok.stdout
+    # The report opens with the platform (after the training's own output), and judges nothing by the seed spread.
+    report = ok.stdout[ok.stdout.index("\nplatform: ") + 1:].splitlines()
+    assert report[0].startswith("platform: the same as recorded (") and report[1].startswith("code: recorded ")
+    assert "seed spread" not in ok.stdout
     assert "data: the same files, each with its recorded sha256" in ok.stdout
     # One recorded number changed: the comparison names it. The rerun is the one above (its result.json stands in for
     # run_one; training it again would give the same numbers).
@@ -345,3 +362,94 @@ def test_labels_table_pairs_each_arm_with_scratch_by_seed(tmp_path):
     md = (tmp_path / "labels.md").read_text()
     assert "| foreground | -2.5 ± 10.6 (+5.0, -10.0) | +0.0 ± 0.0 (+0.0, +0.0) |" in md
     assert "| foreground | 20.0 ± 14.1 | **50.0 ± 0.0** |" in md
+
+
+def _platform(**changes) -> dict:
+    """A platform record (hand-written, not this machine's) with ``changes``."""
+    return {"cpu": "AMD EPYC 9R14", "cpu_capability": "AVX512", "threads": 2, "device": "cpu", "gpu": None,
+            "cuda": None, "cudnn": None, "python": "3.12.3", "torch": "2.13.0+cpu", "numpy": "2.3.5",
+            "monai": "1.6.1", "lightning": "2.6.6", **changes}
+
+
+def _run(seed: int, loss: float, liver: float, mean: float, platform: dict | None) -> dict:
+    """A run's result with three numbers: a pretraining loss, the liver Dice and the mean Dice of test 't'."""
+    test = {"dice": {"liver": liver}, "nsd": {}, "mean_dice": mean, "mean_nsd": None, "classes": ["liver"]}
+    return {"arm": "foreground", "seed": seed, "tests": {"t": test}, "pretrain_loss": [[1, loss]],
+            "finetune_val_dice": [], **({} if platform is None else {"platform": platform})}
+
+
+def _reproduce_cli(tmp_path, monkeypatch, recorded: list[dict], rerun: dict, name: str):
+    """``subfore study --reproduce`` of seed 0 of a results.json holding ``recorded``, ``rerun`` standing in for the
+    training (in process)."""
+    from typer.testing import CliRunner
+
+    import subfore.study.run as run_mod
+    from subfore.cli import app
+
+    tree = micro(tmp_path, tmp_path, arms=["foreground"])  # validated, never trained: run_one is a stand-in
+    results = {"arms": ["foreground"], "config": load_config(None, [], StudyConfig, base=tree).model_dump(mode="json"),
+               "runs": recorded}
+    (tmp_path / f"{name}.json").write_text(json.dumps(results))
+    monkeypatch.setattr(run_mod, "run_one", lambda *a, **k: rerun)
+    return CliRunner().invoke(app, ["study", "--reproduce", str(tmp_path / f"{name}.json"), "--arm", "foreground",
+                                    "--seed", "0", "--out", str(tmp_path / name)])
+
+
+def test_reproduce_on_another_platform_judges_each_number_against_the_seed_spread(tmp_path, monkeypatch):
+    then = _platform()
+    # Seeds 0..2 of the arm: spreads (max − min) 0.3 (loss), 0.05 (liver), 0.05 (mean Dice).
+    seeds = [_run(0, 0.9, 0.50, 0.178, then), _run(1, 0.7, 0.45, 0.156, then), _run(2, 0.6, 0.48, 0.128, then)]
+    now = _platform(cpu_capability="AVX2", threads=4)
+    within = _run(0, 0.9, 0.47, 0.155, now)
+    ok = _reproduce_cli(tmp_path, monkeypatch, seeds, within, "within")
+    lines = ok.output.splitlines()
+    assert ok.exit_code == 0, ok.output
+    assert lines[0] == ("platform differs: cpu_capability recorded 'AVX512', now 'AVX2'; threads recorded 2, now 4: "
+                        "numbers reproduce exactly only on the recording platform; each is judged against the arm's "
+                        "seed spread (max − min over its seeds in results.json)")
+    assert lines[-5:] == [
+        "within  pretrain_loss step 1: recorded 0.9, rerun 0.9, difference +0, within the seed spread 0.3 "
+        "(max − min of 3 seeds)",
+        "within  t dice liver: recorded 0.5, rerun 0.47, difference -0.03, within the seed spread 0.05 "
+        "(max − min of 3 seeds)",
+        "within  t mean_dice: recorded 0.178, rerun 0.155, difference -0.023, within the seed spread 0.05 "
+        "(max − min of 3 seeds)",
+        "match   t mean_nsd: recorded absent, rerun absent",
+        f"2 of 4 numbers match exactly; 4 of 4 agree within the seed spread, 0 do not (foreground, seed 0; rerun in "
+        f"{tmp_path / 'within'})"]
+    # The liver Dice 0.06 lower: more than the seeds differ by, so the command fails.
+    outside = _reproduce_cli(tmp_path, monkeypatch, seeds, _run(0, 0.9, 0.44, 0.155, now), "outside")
+    assert outside.exit_code == 1
+    assert ("OUTSIDE t dice liver: recorded 0.5, rerun 0.44, difference -0.06, outside the seed spread 0.05 "
+            "(max − min of 3 seeds)") in outside.output.splitlines()
+    assert "3 of 4 agree within the seed spread, 1 do not" in outside.output
+    # A record without a platform (written before runs recorded theirs) counts as another platform.
+    old = [{k: v for k, v in r.items() if k != "platform"} for r in seeds]
+    unknown = _reproduce_cli(tmp_path, monkeypatch, old, within, "unknown")
+    assert unknown.exit_code == 0, unknown.output
+    assert unknown.output.splitlines()[0] == (
+        "platform unknown: the record has no platform (written before runs recorded theirs); now AMD EPYC 9R14, AVX2, "
+        "4 threads, cpu; Python 3.12.3, torch 2.13.0+cpu, numpy 2.3.5, MONAI 1.6.1, Lightning 2.6.6: numbers "
+        "reproduce exactly only on the recording platform; each is judged against the arm's seed spread (max − min "
+        "over its seeds in results.json)")
+    assert "within  t mean_dice: recorded 0.178, rerun 0.155, difference -0.023" in unknown.output
+    # One seed: no spread to judge against, so only an exact match passes.
+    alone = _reproduce_cli(tmp_path, monkeypatch, seeds[:1], within, "alone")
+    assert alone.exit_code == 1
+    assert ("DIFFERS t mean_dice: recorded 0.178, rerun 0.155, difference -0.023; no seed spread (fewer than 2 seeds "
+            "record it): exact comparison only") in alone.output.splitlines()
+
+
+def test_reproduce_on_the_same_platform_needs_every_number_exact(tmp_path, monkeypatch):
+    then = _platform()
+    seeds = [_run(0, 0.9, 0.50, 0.178, then), _run(1, 0.7, 0.45, 0.156, then), _run(2, 0.6, 0.48, 0.128, then)]
+    # A difference well within the seed spread still fails: the same platform gives the same bits.
+    same = _reproduce_cli(tmp_path, monkeypatch, seeds, _run(0, 0.9, 0.50, 0.177, then), "same")
+    assert same.exit_code == 1
+    lines = same.output.splitlines()
+    assert lines[0] == ("platform: the same as recorded (AMD EPYC 9R14, AVX512, 2 threads, cpu; Python 3.12.3, "
+                        "torch 2.13.0+cpu, numpy 2.3.5, MONAI 1.6.1, Lightning 2.6.6): every number must match exactly")
+    assert "DIFFERS t mean_dice: recorded 0.178, rerun 0.177" in lines and "3 of 4 numbers match" in lines[-1]
+    assert not any("seed spread" in line for line in lines[1:])
+    exact = _reproduce_cli(tmp_path, monkeypatch, seeds, seeds[0], "exact")
+    assert exact.exit_code == 0 and "4 of 4 numbers match" in exact.output

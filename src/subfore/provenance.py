@@ -1,10 +1,13 @@
-"""Where a result came from: the code version (commit, dirty flag) and digests of the files a run read."""
+"""Where a result came from: the code version (commit, dirty flag), the platform it ran on and digests of the files a
+run read."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,6 +39,46 @@ def code_version() -> dict:
     status = git("status", "--porcelain", "--untracked-files=no", "--", str(_SOURCE),
                  *(str(root / p) for p in ("configs", "pyproject.toml", "constraints.txt")))
     return {"version": __version__, "commit": commit.strip(), "dirty": bool(status and status.strip())}
+
+
+# The fields that must all agree for two runs to be on the same platform: float results are bit-identical only for
+# the same CPU kernels (model, the instruction set torch dispatches to, thread count), the same accelerator stack
+# and the same library versions.
+PLATFORM_FIELDS = ("cpu", "cpu_capability", "threads", "device", "gpu", "cuda", "cudnn", "python", "torch", "numpy",
+                   "monai", "lightning")
+
+
+def platform_info(device: object = "cpu") -> dict:
+    """The platform a run on ``device`` computes on, as JSON (:data:`PLATFORM_FIELDS`; gpu/cuda/cudnn null off CUDA)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def dist(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    cuda = kind == "cuda" and torch.cuda.is_available()
+    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "device": kind,
+            "gpu": torch.cuda.get_device_name(torch.device(str(device))) if cuda else None,
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": dist("numpy"),
+            "monai": dist("monai"), "lightning": dist("lightning")}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or sys.platform
 
 
 def file_digest(path: str | Path) -> str:

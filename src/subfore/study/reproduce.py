@@ -1,4 +1,5 @@
-"""Rerun one run of a finished study and compare its numbers, one by one, with those its results.json records."""
+"""Rerun one run of a finished study and compare its numbers, one by one, with those its results.json records: exactly
+on the platform that recorded them, against the arm's seed spread on any other."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from pathlib import Path
 
 from ..data.phantoms import ensure_phantoms
 from ..errors import ConfigError, DataError
-from ..provenance import code_version
+from ..provenance import PLATFORM_FIELDS, code_version
 from .config import StudyConfig, expand_arms
 
-# Identical on the same machine and build; the tolerance only absorbs JSON's float round trip.
+# Identical on the same platform and code; the tolerance only absorbs JSON's float round trip.
 RTOL = 1e-6
 
 
@@ -43,6 +44,44 @@ def compare(recorded: dict, rerun: dict) -> list[tuple[str, float | None, float 
     return [(k, a.get(k), b.get(k), k in a and k in b and same(a[k], b[k])) for k in dict.fromkeys([*a, *b])]
 
 
+def spreads(results: dict, recorded: dict) -> dict[str, tuple[float, int]]:
+    """{number: (max − min, seeds)} over the seeds of the recorded run's arm and label count (2 seeds or more)."""
+    values: dict[str, list[float]] = {}
+    for run in results["runs"]:
+        if run["arm"] == recorded["arm"] and run.get("labels") == recorded.get("labels"):
+            for key, v in numbers(run).items():
+                if v is not None and not math.isnan(v):
+                    values.setdefault(key, []).append(v)
+    return {k: (max(v) - min(v), len(v)) for k, v in values.items() if len(v) > 1}
+
+
+def platform_differs(then: dict | None, now: dict | None) -> list[str] | None:
+    """The platform fields (:data:`PLATFORM_FIELDS`) that differ between two records; None when either is missing."""
+    if not then or not now:
+        return None
+    return [f for f in PLATFORM_FIELDS if then.get(f) != now.get(f)]
+
+
+def judge(rows: list[tuple[str, float | None, float | None, bool]], spread: dict[str, tuple[float, int]]
+          ) -> tuple[list[str], int]:
+    """(a line per number: its difference, within or outside its seed spread; how many fail) on another platform."""
+    lines, failed = [], 0
+    for key, a, b, ok in rows:
+        head = f"{key}: recorded {_num(a)}, rerun {_num(b)}"
+        if a is None or b is None or math.isnan(a) or math.isnan(b):  # absent or NaN on a side: no difference
+            lines.append(f"{'match  ' if ok else 'DIFFERS'} {head}" + ("" if ok else ": not comparable"))
+        elif key not in spread:  # one seed: nothing to weigh a difference against
+            lines.append(f"{'match  ' if ok else 'DIFFERS'} {head}, difference {b - a:+.6g}; no seed spread "
+                         "(fewer than 2 seeds record it): exact comparison only")
+        else:
+            width, seeds = spread[key]
+            ok = ok or abs(b - a) <= width + RTOL * max(1.0, abs(a))
+            lines.append(f"{'within ' if ok else 'OUTSIDE'} {head}, difference {b - a:+.6g}, "
+                         f"{'within' if ok else 'outside'} the seed spread {width:.6g} (max − min of {seeds} seeds)")
+        failed += not ok
+    return lines, failed
+
+
 def find_run(results: dict, arm: str, seed: int, labels: int | None, source: Path) -> dict:
     runs = [r for r in results["runs"] if r["arm"] == arm and r["seed"] == seed and r.get("labels") == labels]
     if not runs:
@@ -57,7 +96,8 @@ def reproduce(results_path: str | Path, arm: str, seed: int, labels: int | None 
               overrides: list[str] | None = None) -> dict:
     """Rerun (arm, seed[, labels]) of the study whose results.json is ``results_path`` in ``out`` (new), from the
     config results.json records with ``overrides`` (or from ``config``), in the working directory the study ran in
-    (its paths are relative to it); returns {"lines", "matched", "total", "data_changed", "code"}."""
+    (its paths are relative to it); returns {"lines", "matched", "total", "data_changed", "code", "platform",
+    "same_platform", "failed", "passed"}."""
     from ..config import load_config
     from .run import provenance, run_one
 
@@ -89,9 +129,9 @@ def reproduce(results_path: str | Path, arm: str, seed: int, labels: int | None 
     lines.append(f"code: recorded {_code(code_then)}, now {_code(code_now)}")
     data_changed = []
     if isinstance(results.get("data"), dict):
-        now = provenance(cfg)["data"]
-        for role in dict.fromkeys([*results["data"], *now]):
-            then_files, now_files = results["data"].get(role, {}), now.get(role, {})
+        data_now = provenance(cfg)["data"]
+        for role in dict.fromkeys([*results["data"], *data_now]):
+            then_files, now_files = results["data"].get(role, {}), data_now.get(role, {})
             for path in dict.fromkeys([*then_files, *now_files]):
                 if path not in now_files:
                     data_changed.append(f"{role}: {path} was read then, is not now")
@@ -102,18 +142,49 @@ def reproduce(results_path: str | Path, arm: str, seed: int, labels: int | None 
         lines += [f"data differs: {d}" for d in data_changed] or ["data: the same files, each with its recorded sha256"]
     rerun = run_one(cfg, arm, over, seed, labels)
     rows = compare(recorded, rerun)
-    for key, a, b, ok in rows:
-        lines.append(f"{'match  ' if ok else 'DIFFERS'} {key}: recorded {_num(a)}, rerun {_num(b)}")
     matched = sum(ok for *_, ok in rows)
-    lines.append(f"{matched} of {len(rows)} numbers match ({arm}, seed {seed}"
-                 + ("" if labels is None else f", {labels} labelled cases") + f"; rerun in {out})")
-    return {"lines": lines, "matched": matched, "total": len(rows), "data_changed": data_changed, "code": code_now}
+    then, now = recorded.get("platform"), rerun.get("platform")  # where the number was recorded, where it was rerun
+    differs = platform_differs(then, now)
+    same_platform = differs == []
+    which = f"({arm}, seed {seed}" + ("" if labels is None else f", {labels} labelled cases") + f"; rerun in {out})"
+    if same_platform:
+        lines.insert(0, f"platform: the same as recorded ({_platform(now)}): every number must match exactly")
+        for key, a, b, ok in rows:
+            lines.append(f"{'match  ' if ok else 'DIFFERS'} {key}: recorded {_num(a)}, rerun {_num(b)}")
+        failed = len(rows) - matched
+        lines.append(f"{matched} of {len(rows)} numbers match {which}")
+    else:
+        if differs is None:
+            missing = "the record has no platform (written before runs recorded theirs)" if not then else \
+                "the rerun records no platform"
+            head = f"platform unknown: {missing}; now {_platform(now)}"
+        else:
+            head = "platform differs: " + "; ".join(f"{f} recorded {then.get(f)!r}, now {now.get(f)!r}"
+                                                    for f in differs)
+        lines.insert(0, head + ": numbers reproduce exactly only on the recording platform; each is judged against "
+                     "the arm's seed spread (max − min over its seeds in results.json)")
+        judged, failed = judge(rows, spreads(results, recorded))
+        lines += judged
+        lines.append(f"{matched} of {len(rows)} numbers match exactly; {len(rows) - failed} of {len(rows)} agree "
+                     f"within the seed spread, {failed} do not {which}")
+    return {"lines": lines, "matched": matched, "total": len(rows), "data_changed": data_changed, "code": code_now,
+            "platform": now, "same_platform": same_platform, "failed": failed,
+            "passed": failed == 0 and not data_changed}
 
 
 def _code(c: dict | None) -> str:
     if not c or not c.get("commit"):
         return "unknown (no commit recorded)" if not c else f"subfore {c.get('version')} (no git commit)"
     return f"{c['commit'][:12]}{' + uncommitted changes' if c.get('dirty') else ''}"
+
+
+def _platform(p: dict | None) -> str:
+    if not p:
+        return "unknown"
+    gpu = f" {p.get('gpu')}, CUDA {p.get('cuda')}, cuDNN {p.get('cudnn')}" if p.get("gpu") else ""
+    return (f"{p.get('cpu')}, {p.get('cpu_capability')}, {p.get('threads')} threads, {p.get('device')}{gpu}; "
+            f"Python {p.get('python')}, torch {p.get('torch')}, numpy {p.get('numpy')}, MONAI {p.get('monai')}, "
+            f"Lightning {p.get('lightning')}")
 
 
 def _num(v: float | None) -> str:

@@ -25,7 +25,7 @@ from ..io import read_jsonl, write_json
 from ..models.artifact import read_encoder
 from ..pretrain import pretrain
 from ..probe import PROBE_VERSION, Probe, load_into
-from ..provenance import code_version
+from ..provenance import code_version, platform_info
 from .config import StudyConfig, existing, with_overrides, expand_arms, finetune_config, parse_arm
 from .protocol import check_protocol, describe_protocol, label_counts
 from .report import summarize
@@ -100,7 +100,9 @@ def run_one(cfg: StudyConfig, arm: str, over: dict | None, seed: int, labels: in
               "finetune_val_dice": _curve(run / "finetune" / "metrics.jsonl", "val_dice"),
               # pretrain_s: this call's pretraining (0 when an earlier label count already pretrained this seed).
               "wall_s": round(time.time() - t0, 1), "pretrain_s": round(pre_s, 1),
-              "finetune_s": round(time.time() - t1, 1), "code": code_version()}
+              "finetune_s": round(time.time() - t1, 1), "code": code_version(),
+              # Bit-identical numbers need the same CPU kernels and library builds as well as the same code.
+              "platform": platform_info(device_for(fcfg.train.accelerator))}
     if st.probe is not None:
         result["probe"] = probe if probe is not None else probe_arm(cfg, arm, seed)
     _write_result(run, result)
