@@ -129,7 +129,7 @@ def test_cache_second_epoch_does_not_decode_and_key_follows_preset(tmp_path, mon
         ("2d", "expected a 3D volume"),
         ("4d", "4D image with 3 channels"),
         ("nan", "NaN"),
-        ("truncated", "failed to load"),
+        ("truncated", "img.nii.gz: cannot be read as an image \\(EOFError"),
         ("label_shape", "label shape"),
     ],
 )

@@ -377,8 +377,7 @@ def test_predict_refuses_two_inputs_of_one_case_name_before_any_inference(checkp
     (tmp_path / "file").write_text("")
     proc = subprocess.run([str(Path(sys.executable).parent / "subfore"), "predict", "--checkpoint", str(checkpoint),
                            str(tmp_path / "a"), "--out", str(tmp_path / "file")], capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.strip() == (f"error: {tmp_path / 'file'}: exists and is not a folder; "
-                                                           f"--out names the folder the label files go to")
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: --out {tmp_path / 'file'}: exists and is not a folder"
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
