@@ -19,7 +19,7 @@ from .data.datalist import IMAGE_SUFFIXES, as_list, case_id, load_datalists
 from .data.dataset import check_labels, load_item
 from .data.transforms import RemapLabels, eval_transforms, label_checks, label_problem
 from .errors import DataError, SubforeError, root_message
-from .inference import check_window, load_finetuned, predict, predict_volume
+from .inference import check_window, load_finetuned, predict, predict_volume, run_precision
 from .io import check_output, write_json
 from .progress import track
 from .report import ABSENT_RULE, plot_bars, write_table
@@ -216,7 +216,7 @@ def evaluate(
     overlap: float | None = None,
     sw_batch_size: int | None = None,
     device: str = "cpu",
-    precision: str = "32",
+    precision: str = "auto",
     method: str | None = None,
     label_map: dict[int, int] | None = None,
     grid: str = "label",
@@ -235,6 +235,7 @@ def evaluate(
     check_output(out)
     cfg, net = load_finetuned(checkpoint, device)
     roi = check_window(cfg, roi)
+    precision = run_precision(cfg, precision, device)
     if label_map is not None:
         cfg.data.label_map = {int(k): int(v) for k, v in label_map.items()}
     items = load_datalists(data, split)

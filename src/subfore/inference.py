@@ -33,7 +33,7 @@ def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: floa
                    sigmoid: bool, precision: str = "32") -> torch.Tensor:
     """Sliding-window prediction of one (1, C, D, H, W) volume → labels (1, 1, D, H, W) or regions (1, K, …) bool.
 
-    precision: ``32``, or ``bf16``/``fp16`` autocast (GPU inference).
+    precision: ``32``, or ``bf16``/``fp16`` autocast (GPU inference); the logits are argmaxed in fp32.
     """
     device = next(net.parameters()).device
     dtypes = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,6 +71,16 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
     return cfg, net.to(device).eval()
 
 
+def run_precision(cfg: FinetuneConfig, precision: str, device: str | torch.device) -> str:
+    """Inference's autocast: ``precision`` as given, or for ``auto`` the one the run trained with (its
+    ``train.precision``) on ``device``: bf16 on a CUDA GPU that supports it, 32 on the CPU."""
+    if precision != "auto":
+        return precision
+    from .engine.run import inference_precision
+
+    return inference_precision(cfg.train.precision, "cuda" if torch.device(device).type == "cuda" else "cpu")
+
+
 def check_window(cfg: FinetuneConfig, roi: Sequence[int] | None) -> tuple[int, ...]:
     """The sliding-window size to use (``roi`` or the training crop), refused in one line naming ``--roi`` when
     the network cannot take it."""
@@ -91,7 +101,7 @@ def predict(
     overlap: float | None = None,
     sw_batch_size: int | None = None,
     device: str = "cpu",
-    precision: str = "32",
+    precision: str = "auto",
     progress: bool = True,
 ) -> list[Path]:
     """Write one label NIfTI per input on the input's own grid (shape, affine, orientation) plus an overlay PNG.
@@ -104,6 +114,7 @@ def predict(
     check_output(out_dir, "folder")
     cfg, net = load_finetuned(checkpoint, device)
     roi = check_window(cfg, roi)
+    precision = run_precision(cfg, precision, device)
     items = load_datalists(list(inputs), "training")
     if not items:
         raise SubforeError(f"no input image found in {', '.join(str(i) for i in inputs)}")

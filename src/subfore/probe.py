@@ -26,6 +26,7 @@ from .data.datalist import case_id, load_datalists
 from .data.dataset import check_labels, load_item
 from .data.presets import Preset
 from .data.transforms import label_checks, preprocess, remap_labels
+from .engine.run import inference_precision
 from .errors import DataError, SubforeError
 from .io import check_output, read_jsonl, write_json, write_text
 from .progress import track
@@ -55,12 +56,16 @@ class FeatureExtractor(nn.Module):
 
 
 def extract(extractor: nn.Module, item: dict, preset: Preset, roi, settings: ProbeSettings,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One volume: (features (N, F) float32 on the CPU, labels (N,) long), computed without gradients."""
+            device: torch.device, precision: str = "32") -> tuple[torch.Tensor, torch.Tensor]:
+    """One volume: (features (N, F) float32 on the CPU, labels (N,) long), computed without gradients.
+
+    precision: the network's autocast (``32``, ``bf16``, ``fp16``: the run's); features are kept in fp32."""
     d = load_item(Compose(preprocess(preset, ["image", "label"])), item)
     image = torch.as_tensor(d["image"])[None].float().to(device)
-    feats = sliding_window_inference(image, list(roi), settings.sw_batch_size, extractor, overlap=0.25,
-                                     mode="gaussian", sw_device=device, device="cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        feats = sliding_window_inference(image, list(roi), settings.sw_batch_size, extractor, overlap=0.25,
+                                         mode="gaussian", sw_device=device, device="cpu")
     label = torch.as_tensor(d["label"])[0]
     label = label.round()  # nearest-neighbour resampled ids, rounded before they index anything
     label = remap_labels(label, settings.label_map) if settings.label_map else label.long().clamp_min(0)
@@ -119,7 +124,7 @@ class Probe:
     """The probe's data, read once; ``run(net)`` scores any network of the architecture it was built for."""
 
     def __init__(self, settings: ProbeSettings, model: ModelConfig | dict, in_channels: int, roi, preset: Preset,
-                 device: str | torch.device = "cpu", progress: bool = False) -> None:
+                 device: str | torch.device = "cpu", progress: bool = False, precision: str = "32") -> None:
         model = ModelConfig.model_validate(model) if isinstance(model, dict) else model
         self.settings, self.model, self.in_channels, self.roi, self.preset = settings, model, in_channels, roi, preset
         self.backbone = resolve_backbone(model)  # nnU-Net plans read once, however often the probe runs
@@ -132,7 +137,7 @@ class Probe:
                 raise DataError(item["image"], "has no label: the probe needs labelled volumes")
         # Every label read and checked (readable, 3D, integer ids) before any network runs; the map sends others to 0.
         check_labels(self.train_items + self.test_items, label_checks(None, None, None, 2 ** 31 - 1))
-        self.progress = progress
+        self.progress, self.precision = progress, precision
         ids = set(settings.label_map.values()) if settings.label_map else None
         self.n_classes = (max(ids) + 1) if ids else None
         self.names = self._names()
@@ -163,14 +168,14 @@ class Probe:
         extractor = FeatureExtractor(net.to(self.device), self.model.name)
         g = torch.Generator().manual_seed(self.settings.seed)
         what = f"probe ({which})"
-        train = [subsample(*extract(extractor, item, self.preset, self.roi, self.settings, self.device),
-                           self.settings.voxels, g)
+        train = [subsample(*extract(extractor, item, self.preset, self.roi, self.settings, self.device,
+                                    self.precision), self.settings.voxels, g)
                  for item in track(self.train_items, f"{what} train", case_id, self.progress)]
         n = self.n_classes or int(max(int(lab.max()) for _, lab in train)) + 1
         head, mean, std = fit_linear(train, n, self.settings)
         total = torch.zeros(n - 1, 2, dtype=torch.float64)
         for item in track(self.test_items, f"{what} test", case_id, self.progress):
-            feats, label = extract(extractor, item, self.preset, self.roi, self.settings, self.device)
+            feats, label = extract(extractor, item, self.preset, self.roi, self.settings, self.device, self.precision)
             with torch.no_grad():
                 pred = head((feats - mean) / std).argmax(1)
             total += dice_counts(pred, label, n)
@@ -206,7 +211,9 @@ def probe_encoder(encoder: str | Path, settings: ProbeSettings, out: str | Path,
     progress: a bar and a line per volume on stderr."""
     check_output(out)
     meta, state = read_encoder(encoder)
-    probe = Probe(settings, meta.model, meta.in_channels, meta.roi, meta.preset, device, progress)
+    # The precision a pretraining on this device runs at (bf16 on a GPU that has it, 32 on the CPU).
+    precision = inference_precision("auto", "cuda" if torch.device(device).type == "cuda" else "cpu")
+    probe = Probe(settings, meta.model, meta.in_channels, meta.roi, meta.preset, device, progress, precision)
     net = probe.network(seed=settings.seed)
     load_into(net, state, meta.name, encoder, meta.model.get("encoding", "dense"))
     pretrained = probe.run(net)

@@ -30,7 +30,8 @@ def evaluate(
     overlap: Optional[float] = typer.Option(None, "--overlap"),
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
     device: str = typer.Option("auto", "--device"),
-    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
+    precision: str = typer.Option("auto", "--precision", help="auto (the run's train.precision on this device: "
+                                  "bf16 on a GPU that has it, 32 on the CPU), 32, bf16 or fp16 (autocast)"),
     label_map: Optional[str] = typer.Option(None, "--label-map", help="YAML/JSON {src: dst} for this data's labels"),
     prediction_label_map: Optional[str] = typer.Option(None, "--prediction-label-map", help="YAML/JSON {src: dst} "
                                                        "for the --predictions files' ids (default: as written)"),
@@ -106,7 +107,8 @@ def predict(
     overlap: Optional[float] = typer.Option(None, "--overlap"),
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size"),
     device: str = typer.Option("auto", "--device"),
-    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast, for GPU inference)"),
+    precision: str = typer.Option("auto", "--precision", help="auto (the run's train.precision on this device: "
+                                  "bf16 on a GPU that has it, 32 on the CPU), 32, bf16 or fp16 (autocast)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar and no line per case"),
 ) -> None:
     """Segment images; labels are written on each input's own grid (shape, affine, orientation).

@@ -8,6 +8,8 @@ from .run import (
     RunControl,
     device_for,
     make_trainer,
+    autocast_of,
+    inference_precision,
     resolve_precision,
     resolve_resume,
 )
@@ -15,7 +17,7 @@ from .sampling import DrawDataset, StepSampler, check_fill, make_loaders, mix_se
 
 __all__ = [
     "DrawDataset", "MetricsWriter", "PREEMPT_SIGNALS", "Preempted", "RunControl", "RunModule", "STOP", "StepSampler",
-    "StopRequest", "check_fill", "device_for", "gather_scalars", "make_loaders", "make_trainer", "mix_seed",
+    "StopRequest", "check_fill", "device_for", "gather_scalars", "autocast_of", "inference_precision", "make_loaders", "make_trainer", "mix_seed",
     "module_digest", "reduce_sum", "resolve_precision", "resolve_resume", "shard", "tensor_digest", "train_loader",
     "warmup_cosine",
 ]

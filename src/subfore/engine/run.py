@@ -347,13 +347,30 @@ def device_for(accelerator: str) -> str:
     return "cpu"
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto' → 'bf16-mixed' on a CUDA GPU that supports it, else '32'."""
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """Lightning's precision for ``train.precision``: 'auto' → 'bf16-mixed' where the run computes on a CUDA GPU
+    that supports it (``accelerator`` auto, gpu or cuda), else '32' (a CPU run stays fp32 on a machine with a GPU)."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if device_for(accelerator) == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32"
+
+
+# Lightning's precision names → the autocast of inference (predict_volume's ``precision``).
+_INFERENCE = {"bf16-mixed": "bf16", "bf16-true": "bf16", "bf16": "bf16", "16-mixed": "fp16", "16-true": "fp16",
+              "16": "fp16", "32": "32", "32-true": "32", "64": "32", "64-true": "32"}
+
+
+def autocast_of(precision: str) -> str:
+    """Inference's autocast (``32``, ``bf16`` or ``fp16``) for a Lightning precision ('bf16-mixed', '16-mixed', …)."""
+    return _INFERENCE.get(str(precision), "32")
+
+
+def inference_precision(precision: str, accelerator: str = "auto") -> str:
+    """The autocast that inference uses for a run of ``train.precision`` on ``accelerator``, so that validation,
+    the probe and predict compute as the training step did."""
+    return autocast_of(resolve_precision(str(precision), accelerator))
 
 
 class _NoAdvert(logging.Filter):
@@ -390,7 +407,7 @@ def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Traine
         devices=devices,
         num_nodes=num_nodes,
         plugins=plugins,
-        precision=resolve_precision(t.precision),
+        precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
         max_epochs=None,
         accumulate_grad_batches=t.accumulate,

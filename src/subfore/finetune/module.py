@@ -7,6 +7,7 @@ from monai.losses import DiceCELoss
 
 from ..config import FinetuneConfig
 from ..engine.module import RunModule, gather_scalars, reduce_sum, warmup_cosine
+from ..engine.run import autocast_of
 from ..inference import predict_volume
 from ..models.registry import Backbone, resolve_backbone
 from ..report import dice_per_class
@@ -53,8 +54,10 @@ class SegmentationModel(RunModule):
     def validation_step(self, batch, batch_idx):
         x, y = torch.as_tensor(batch["image"]).float(), torch.as_tensor(batch["label"])
         w = torch.as_tensor(batch["weight"]).to(self.device, torch.float64)  # 0 for a rank's padding copy
+        # The training step's precision (Lightning's autocast); the loss and Dice stay fp32.
         pred = predict_volume(self.net, x, self.cfg.data.roi, self.cfg.finetune.sw_overlap,
-                              self.cfg.finetune.sw_batch_size, self.cfg.sigmoid)
+                              self.cfg.finetune.sw_batch_size, self.cfg.sigmoid,
+                              autocast_of(self.trainer.precision))
         dice = dice_per_class(pred, y, self.cfg.model.out_channels, self.cfg.sigmoid).double().to(self.device)  # (B, classes), NaN where the class is absent from the label
         present = torch.isfinite(dice).double() * w[:, None]
         self._dice_sum += torch.cat([(dice.nan_to_num(0.0) * present).sum(0), present.sum(0), w.sum()[None]])

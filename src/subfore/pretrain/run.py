@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ..config import PretrainConfig, dump_config
 from ..errors import SubforeError
-from ..engine.run import MetricsWriter, RunControl, RunFolder, check_run_dir, make_trainer, read_resume
+from ..engine.run import MetricsWriter, RunControl, RunFolder, autocast_of, check_run_dir, make_trainer, read_resume
 from ..engine.sampling import check_fill
 from ..io import append_jsonl, read_jsonl, write_text
 from ..models.artifact import read_weights
@@ -39,7 +39,7 @@ class RunArtifacts(Callback):
         cfg, step = self.cfg, trainer.global_step
         if self._probe is None:
             self._probe = Probe(cfg.probe, cfg.model, cfg.data.channels, cfg.data.roi, cfg.data.preset_obj(),
-                                pl_module.device)
+                                pl_module.device, precision=autocast_of(trainer.precision))
         net = self._probe.network()
         load_into(net, pl_module.backbone.encoder_state(pl_module.net), cfg.model.name, self.run_dir,
                   cfg.model.encoding)
