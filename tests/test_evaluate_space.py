@@ -402,3 +402,26 @@ def test_nsd_and_hd95_of_a_shifted_plate_are_the_shift_in_mm_along_that_axis(axi
         assert m["hd95"][0] == pytest.approx(distance, abs=1e-5)
         assert m["nsd"][0] == (1.0 if tolerance >= distance else 0.0)
         assert m["dice"][0] == 0.0
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_hd95_and_nsd_of_a_shifted_sphere_on_anisotropic_spacing(axis):
+    """A 25 mm sphere at 0.78×0.78×2.5 mm and the same voxels moved k voxels along ``axis``: no surface point is
+    farther than d = k·spacing[axis] from the other surface (the poles along the shift are exactly d apart, and the
+    flat voxel caps facing the shift hold more than 5 % of the surface), so HD95 = d and NSD is 1 at tolerance d and
+    below 1 just under it. Read with the spacing in the reverse axis order, the z shift measures far less."""
+    from subfore.evaluate import case_metrics
+
+    spacing, k, shape = (0.78, 0.78, 2.5), 2, (96, 96, 40)
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    ball = sum(((g - n / 2) * s) ** 2 for g, n, s in zip(grid, shape, spacing)) <= 25.0 ** 2
+    label = torch.from_numpy(ball.astype(np.uint8))[None, None]
+    pred = torch.from_numpy(np.roll(ball, k, axis=axis).astype(np.uint8))[None, None]
+    d = k * spacing[axis]  # 1.56 mm along x or y, 5.0 mm along z
+    at = case_metrics(pred, label, 2, spacing, tolerance_mm=d, hd95=True)
+    under = case_metrics(pred, label, 2, spacing, tolerance_mm=0.99 * d, hd95=True)
+    assert at["hd95"][0] == pytest.approx(d, abs=1e-5) and at["nsd"][0] == 1.0
+    assert under["nsd"][0] < 1.0
+    if axis == 2:  # read as (2.5, 0.78, 0.78), the z shift would measure as an in-plane one
+        moved = case_metrics(pred, label, 2, spacing[::-1], tolerance_mm=d, hd95=True)
+        assert moved["hd95"][0] < d - 1.0
