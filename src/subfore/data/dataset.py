@@ -29,7 +29,8 @@ def named_error(exc: BaseException, item: dict) -> SubforeError:
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, SubforeError):
         return cause
-    return DataError(source_name(item, "image"), f"failed to load ({root_message(exc)})")
+    key = "image" if "image" in item else "label"  # a label checked alone is named by itself
+    return DataError(source_name(item, key), f"failed to load ({root_message(exc)})")
 
 
 def load_item(transform: Callable, item: dict):

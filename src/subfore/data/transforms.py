@@ -55,7 +55,7 @@ def label_problem(label: torch.Tensor) -> str | None:
     if t.dtype == torch.bool or t.numel() == 0:
         return None
     # A boolean mask of the offending voxels (1 byte each), not a sorted copy of the whole volume.
-    wrong = (~(t >= 0) | (t != t.round())) if t.is_floating_point() else t < 0
+    wrong = (~torch.isfinite(t) | (t < 0) | (t != t.round())) if t.is_floating_point() else t < 0
     if not bool(wrong.any()):
         return None
     bad = torch.unique(t[wrong])
