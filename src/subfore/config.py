@@ -94,7 +94,8 @@ class ModelConfig(Strict):
                       "basicunet, resenc, resenc_l")
     feature_size: int = Field(48, ge=1)
     use_v2: bool = True
-    checkpointing: bool = Field(False, description="gradient checkpointing (SwinUNETR): less memory, more time")
+    checkpointing: bool = Field(False, description="gradient checkpointing of the encoder (every backbone): less "
+                                "memory, more time")
     # UNETR's ViT (ignored by the others).
     hidden_size: int = 768
     mlp_dim: int = 3072
@@ -240,6 +241,9 @@ class TrainConfig(Strict):
     val_every: int = Field(500, ge=1)
     max_bad_steps: int = Field(10, ge=1)
     progress_bar: bool = True
+    compile: bool = Field(False, description="torch.compile the backbone (the first steps compile)")
+    timeout_min: float = Field(60, gt=0, description="minutes a rank waits in a collective (the process group's "
+                               "timeout), e.g. for rank 0's probe, before the job fails")
 
 
 class ProbeSettings(Strict):

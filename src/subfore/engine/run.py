@@ -7,12 +7,14 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 
 from ..dist import launched_layout, slurm_job
 from ..errors import SubforeError
@@ -423,7 +425,12 @@ def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Traine
         limit_val_batches=None if validate else 0,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
+        # cuDNN autotuning pays off for fixed-size 3D crops; it only applies where cuDNN runs.
+        benchmark=device_for(t.accelerator) == "cuda",
     )
+    if isinstance(trainer.strategy, DDPStrategy):
+        # The process group's timeout bounds every collective wait, rank 0's side work (the probe) included.
+        trainer.strategy._timeout = timedelta(minutes=t.timeout_min)
     # Lightning's SIGTERM handler broadcasts from inside the handler on whichever rank got the signal, which
     # deadlocks DDP (rank 0 in broadcast, the others in a barrier); STOP handles the signals on every rank.
     trainer._signal_connector.register_signal_handlers = lambda: None
