@@ -7,6 +7,7 @@ The commands run as subprocesses of the installed ``subfore`` script, two at a t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -185,6 +186,10 @@ def test_output_paths_and_options_are_checked_before_any_work(files, checkpoint,
         ("predict", "--checkpoint", checkpoint, image, "--out", files / "a_file"),
         ("finetune", "--config", "configs/finetune/demo_cpu.yaml", "--pretrained", files / "weights.pt",
          "--set", f"run_dir={files / 'ft_weights'}"),
+        ("evaluate", "--checkpoint", checkpoint, "--data", files / "good.json", "--out", files / "r.json",
+         "--precision", "fp8"),
+        ("evaluate", "--checkpoint", checkpoint, "--checkpoint", files / "pre" / "encoder.pt",
+         "--data", files / "good.json", "--out", files / "r.json"),
     )
     expected = [f"--out {under_file}: {files / 'a_file'} is a file, not a folder, so nothing can be written under it",
                 "--roi [30, 30, 30]: basicunet needs every side to be a multiple of 16",
@@ -192,11 +197,14 @@ def test_output_paths_and_options_are_checked_before_any_work(files, checkpoint,
                 f"--out {files / 'a_file'}: exists and is not a folder",
                 f"--out {files}: is a folder; name the file to write in it",
                 f"--out {files / 'a_file'}: exists and is not a folder",
-                f"{files / 'weights.pt'}: not a weights file (neither a PyTorch zip archive nor a pickle"]
+                f"{files / 'weights.pt'}: not a weights file (neither a PyTorch zip archive nor a pickle",
+                "--precision must be one of auto, 32, bf16, fp16, got 'fp8'",
+                f"{files / 'pre' / 'encoder.pt'}: not a 'subfore finetune' checkpoint"]
+    assert len(procs) == len(expected)
     for proc, text in zip(procs, expected):
         assert error_line(proc).startswith(f"error: {text}"), (text, proc.stderr[-800:])
         assert not progress_lines(proc, "evaluate") and not progress_lines(proc, "probe (pretrained) train")
-    assert not (files / "r.json").exists() and not (files / "ft_weights").exists()
+    assert not (files / "r.json").exists() and not (files / "r.0.json").exists() and not (files / "ft_weights").exists()
 
 
 def test_predict_writes_the_good_inputs_and_names_the_bad(files, checkpoint, phantom_dir, tmp_path):
@@ -219,7 +227,31 @@ def test_predict_writes_the_good_inputs_and_names_the_bad(files, checkpoint, pha
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["a_overlay.png", "a_seg.nii.gz"]
     written = nib.load(tmp_path / "pred" / "a_seg.nii.gz")
     np.testing.assert_allclose(written.affine, nib.load(inputs / "a.nii.gz").affine, atol=1e-5)
-    assert [ln.rsplit(":", 1)[0] for ln in progress_lines(mixed, "predict")] == ["predict 1/2 a", "predict 2/2 b"]
+    first, second = progress_lines(mixed, "predict")
+    assert re.fullmatch(r"predict 1/2 a: \d+\.\d s", first), first
+    assert second.startswith(f"predict 2/2 b: skipped ({inputs / 'b.nii.gz'}: cannot be read as an image"), second
     assert error_line(none).endswith("nothing was written") and not (tmp_path / "nothing").exists()
     assert error_line(quiet).startswith("error: 1 of 2 inputs failed") and not progress_lines(quiet, "predict")
     assert "skipped" not in quiet.stderr
+
+
+@pytest.mark.parametrize("code, why", [(13, "is not writable by this user"), (30, "is on a read-only file system"),
+                                       (28, "is on a full disk"), (36, "takes no new file (File name too long)")])
+def test_an_unwritable_output_folder_is_named_with_its_reason(tmp_path, monkeypatch, code, why):
+    """The output check tries to make a file; the reason it could not is the one the OS gave, in words."""
+    import errno
+    import os
+    import tempfile
+
+    from subfore.errors import SubforeError
+    from subfore.io import check_output
+
+    assert (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.ENAMETOOLONG) == (13, 30, 28, 36)
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(SubforeError) as err:
+        check_output(tmp_path / "out" / "m.json")
+    assert str(err.value) == f"--out {tmp_path / 'out' / 'm.json'}: the folder {tmp_path} {why}"

@@ -210,3 +210,23 @@ def test_errors_of_the_file_and_of_set_each_name_their_source(phantom_dir, tmp_p
         load_config(cfg, ["train.max_steps=2", "data.fooo=1", "data.roi=[8, 8, 8]", "data.roi=many"])
     assert str(err.value) == (f"--set data.roi=many: 'data.roi': Input should be a valid tuple (got 'many'); --set "
                               f"data.fooo=1: unknown key 'data.fooo'; {cfg}: unknown key 'extra'")
+
+
+def test_a_failed_run_in_a_shared_folder_takes_back_only_its_own_files(tmp_path):
+    """run_dir '.' beside other work: what the run wrote goes, what others wrote or changed meanwhile stays."""
+    from subfore.engine.run import RunFolder
+
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "notes.txt").write_text("before")
+    (tmp_path / "config.yaml").write_text("earlier run")
+    with pytest.raises(ValueError), RunFolder(tmp_path):
+        (tmp_path / "config.yaml").write_text("this run")
+        (tmp_path / "tensorboard").mkdir()
+        (tmp_path / "tensorboard" / "events").write_text("x")
+        (tmp_path / "mydata" / "new.txt").write_text("someone else's")
+        (tmp_path / "notes.txt").write_text("edited meanwhile")
+        raise ValueError("the run failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "mydata", "notes.txt"]
+    assert (tmp_path / "config.yaml").read_text() == "earlier run"
+    assert (tmp_path / "notes.txt").read_text() == "edited meanwhile"
+    assert (tmp_path / "mydata" / "new.txt").read_text() == "someone else's"

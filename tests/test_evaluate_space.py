@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -425,3 +426,69 @@ def test_hd95_and_nsd_of_a_shifted_sphere_on_anisotropic_spacing(axis):
     if axis == 2:  # read as (2.5, 0.78, 0.78), the z shift would measure as an in-plane one
         moved = case_metrics(pred, label, 2, spacing[::-1], tolerance_mm=d, hd95=True)
         assert moved["hd95"][0] < d - 1.0
+
+
+# --- labels back onto the input's grid -----------------------------------------------------------------------
+_RAS = np.array([[0.78, 0, 0, -200], [0, 0.78, 0, -180], [0, 0, 2.5, -300], [0, 0, 0, 1.0]])
+_LPS = np.array([[-0.8, 0, 0, 150], [0, -0.8, 0, 120], [0, 0, 3.0, -90], [0, 0, 0, 1.0]])
+_PERMUTED = np.array([[0, 0, 2.0, 10], [0.9, 0, 0, -50], [0, -1.1, 0, 30], [0, 0, 0, 1.0]])
+_C, _S = np.cos(0.2), np.sin(0.2)
+_OBLIQUE = np.array([[_C, -_S, 0, 0], [_S, _C, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1.0]])
+
+
+def _preprocessed(tmp_path, affine, shape, preset):
+    from monai.transforms import Compose
+
+    from subfore.data.dataset import load_item
+    from subfore.data.transforms import preprocess
+
+    path = save(tmp_path / "img.nii.gz", np.random.default_rng(0).normal(0, 100, shape).astype(np.float32), affine)
+    pre = Compose(preprocess(preset, ["image"]))
+    return pre, load_item(pre, {"image": str(path)})
+
+
+@pytest.mark.parametrize("geometry", ["ras", "lps", "permuted", "oblique"])
+@pytest.mark.parametrize("spacing, orientation, axes", [((1.5, 1.5, 1.5), "RAS", None),
+                                                        ((0.78, 0.78, 2.5), "RAS", (1, 2, 0)),
+                                                        ((1.3, 0.9, 1.7), "LPS", (2, 0, 1))])
+def test_labels_go_back_to_the_input_grid_as_invertd_puts_them(tmp_path, geometry, spacing, orientation, axes):
+    """Random labels on the preprocessed grid land on the input's own grid voxel for voxel where MONAI's Invertd puts
+    them (spacing, orientation and nnU-Net's axis order undone), without its float64 grid over every input voxel."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    from subfore.data.presets import Preset
+    from subfore.inference import restore_labels
+
+    affine, shape = {"ras": (_RAS, (61, 53, 17)), "lps": (_LPS, (40, 47, 13)), "permuted": (_PERMUTED, (19, 37, 29)),
+                     "oblique": (_OBLIQUE, (30, 30, 10))}[geometry]
+    preset = Preset(modality="ct", spacing=spacing, orientation=orientation, axes=axes)
+    pre, d = _preprocessed(tmp_path, affine, shape, preset)
+    image = d["image"]
+    pred = torch.randint(0, 14, (1, *image.shape[1:]), generator=torch.Generator().manual_seed(1))
+    pred = MetaTensor(pred, meta=image.meta)  # as sliding_window_inference returns it
+    d["pred"] = MetaTensor(pred.float(), meta=image.meta, applied_operations=image.applied_operations)
+    reference = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)(d)["pred"]
+    with warnings.catch_warnings():  # MONAI warns where a MetaTensor's own affine would be overwritten
+        warnings.simplefilter("error")
+        restored = restore_labels(pred, image, preset.axes)
+    assert restored is not None and restored.dtype == torch.uint8
+    assert tuple(restored.shape) == (1, *shape)
+    np.testing.assert_allclose(np.asarray(restored.affine), affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(restored[0]), np.asarray(reference[0]).round().astype(np.uint8))
+
+
+def test_labels_go_back_to_the_nearest_voxel_along_an_axis_by_hand(tmp_path):
+    """3 mm input slices resampled to 2 mm: input slice k lies at preprocessed position 1.5 k; it takes the nearest
+    slice (a tie, k odd, goes to the even one) and the last input slices past the resampled edge take the edge."""
+    from subfore.data.presets import Preset
+    from subfore.inference import restore_labels
+
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    _, d = _preprocessed(tmp_path, affine, (4, 4, 13), Preset(modality="ct", spacing=(1.0, 1.0, 2.0)))
+    image = d["image"]
+    n = image.shape[-1]
+    pred = torch.arange(n).view(1, 1, 1, n).expand(1, 4, 4, n) + 1
+    restored = np.asarray(restore_labels(pred, image)[0])
+    expected = [min(p, n - 1) + 1 for p in (0, 2, 3, 4, 6, 8, 9, 10, 12, 14, 15, 16, 18)]
+    assert restored[2, 1].tolist() == expected

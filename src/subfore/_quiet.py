@@ -15,6 +15,8 @@ KNOWN = [
     (r"torch.distributed.nn.functional.all_gather is deprecated", Warning),  # inside Lightning's all_gather
     # val/loss and val/dice are summed across ranks by the modules themselves (engine.reduce_sum) before logging.
     (r"It is recommended to use `self.log\('val/(loss|dice|cases)'", Warning),
+    # The EMA teacher (AnatoMask, hard-patch mining) is a frozen copy kept in eval mode on purpose.
+    (r"Found \d+ module\(s\) in eval mode at the start of training", Warning),
     # A run without validation data (data.val unset) skips the modules' validation_step on purpose.
     (r"You defined a `validation_step` but have no `val_dataloader`", Warning),
 ]

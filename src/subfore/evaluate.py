@@ -19,7 +19,7 @@ from .data.datalist import IMAGE_SUFFIXES, as_list, case_id, load_datalists
 from .data.dataset import check_labels, load_item
 from .data.transforms import RemapLabels, eval_transforms, label_checks, label_problem
 from .errors import DataError, SubforeError, root_message
-from .inference import check_window, load_finetuned, predict, predict_volume, run_precision
+from .inference import check_window, load_finetuned, predict, predict_volume, restore_labels, run_precision
 from .io import check_output, write_json
 from .progress import track
 from .report import ABSENT_RULE, plot_bars, write_table
@@ -271,9 +271,12 @@ def evaluate(
             # A label file stored on another grid than its image (flipped, permuted, other spacing) is reached
             # through the two affines, never by comparing arrays index for index.
             img = d["image"]
-            d["pred"] = MetaTensor(pred[0].float(), meta=img.meta, applied_operations=img.applied_operations)
+            on_image = restore_labels(pred[0], img, preset.axes)
+            if on_image is None:
+                d["pred"] = MetaTensor(pred[0].float(), meta=img.meta, applied_operations=img.applied_operations)
+                on_image = invert(d)["pred"]
             own = load_item(raw_label, {"label": item["label"]})["label"]
-            on_image, resampled = on_label_grid(invert(d)["pred"], own, as_list(item["image"])[0], item["label"])
+            on_image, resampled = on_label_grid(on_image, own, as_list(item["image"])[0], item["label"])
             pred = compact(on_image, cfg.model.out_channels)[None]
             label = compact(own, cfg.model.out_channels)[None]
             spacing = tuple(float(v) for v in _spacing(_affine(own)))

@@ -3,7 +3,6 @@ on each input's own grid (``subfore predict``)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +28,16 @@ from .progress import track
 from .visualize import mid_planes
 
 
+#: inference's autocast names (``auto``: the run's own, resolved by :func:`run_precision`)
+PRECISIONS = ("auto", "32", "bf16", "fp16")
+
+
+def check_precision(precision: str, allowed: Sequence[str] = PRECISIONS) -> None:
+    """Refuse a precision name in one line naming ``--precision`` (before any case is read)."""
+    if precision not in allowed:
+        raise SubforeError(f"--precision must be one of {', '.join(allowed)}, got {precision!r}")
+
+
 def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: float, sw_batch_size: int,
                    sigmoid: bool, precision: str = "32") -> torch.Tensor:
     """Sliding-window prediction of one (1, C, D, H, W) volume → labels (1, 1, D, H, W) or regions (1, K, …) bool.
@@ -37,8 +46,7 @@ def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: floa
     """
     device = next(net.parameters()).device
     dtypes = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise SubforeError(f"precision must be one of {', '.join(dtypes)}, got {precision!r}")
+    check_precision(precision, tuple(dtypes))
     with torch.no_grad(), torch.autocast(device.type, dtype=dtypes[precision] or torch.float32,
                                          enabled=dtypes[precision] is not None):
         logits = sliding_window_inference(image.to(device), list(roi), sw_batch_size, net, overlap=overlap,
@@ -47,6 +55,38 @@ def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: floa
     if sigmoid:
         return logits.sigmoid() > 0.5
     return logits.argmax(1, keepdim=True)
+
+
+def restore_labels(pred: torch.Tensor, image: MetaTensor, axes: Sequence[int] | None = None) -> MetaTensor | None:
+    """Labels (1, D, H, W) on ``image``'s preprocessed grid → uint8 (1, X, Y, Z) on the input's own grid (its affine),
+    nearest neighbour with border padding as Invertd's Spacingd inverse, by one index array per axis: no sampling
+    grid over every input voxel (Invertd's, in float64, is the largest allocation of predict on a 512²×200 CT).
+
+    axes: the preset's Transposed order (it leaves the affine as it was, so it is undone first). None where the two
+    grids are not axis-aligned (then Invertd). Ties (a voxel centre exactly half-way) go to the even index.
+    """
+    if "original_affine" not in image.meta or len(image.meta.get("spatial_shape", ())) != 3:
+        return None
+    if isinstance(pred, MetaTensor):  # sliding_window_inference's output carries the preprocessed grid's meta
+        pred = pred.as_tensor()
+    if axes is not None and tuple(axes) != (0, 1, 2):
+        pred = pred.permute(0, *(int(i) + 1 for i in np.argsort(axes)))
+    a_pre = np.asarray(image.affine, dtype=np.float64)
+    a_in = np.asarray(image.meta["original_affine"], dtype=np.float64)
+    shape_in = [int(v) for v in image.meta["spatial_shape"]]
+    m = np.linalg.solve(a_pre, a_in)  # input voxel index → preprocessed voxel index
+    lin = np.abs(m[:3, :3])
+    src = lin.argmax(0)  # the preprocessed axis each input axis runs along
+    off = lin.copy()
+    off[src, range(3)] = 0
+    if sorted(src.tolist()) != [0, 1, 2] or off.max() > 1e-4 * lin.max():
+        return None
+    p = pred[0].permute(*src.tolist())  # a view: the preprocessed axes in the input's order
+    p = p.to(torch.uint8 if int(p.max()) < 256 else torch.int32)  # a 1-byte copy, not int64 (argmax's)
+    idx = [torch.from_numpy(np.clip(np.rint(m[src[k], k] * np.arange(shape_in[k]) + m[src[k], 3]),
+                                    0, p.shape[k] - 1).astype(np.int64)) for k in range(3)]
+    out = p[idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]]
+    return MetaTensor(out[None], affine=torch.as_tensor(a_in))
 
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[FinetuneConfig, torch.nn.Module]:
@@ -74,6 +114,7 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
 def run_precision(cfg: FinetuneConfig, precision: str, device: str | torch.device) -> str:
     """Inference's autocast: ``precision`` as given, or for ``auto`` the one the run trained with (its
     ``train.precision``) on ``device``: bf16 on a CUDA GPU that supports it, 32 on the CPU."""
+    check_precision(precision)
     if precision != "auto":
         return precision
     from .engine.run import inference_precision
@@ -131,13 +172,13 @@ def predict(
     pre = Compose(preprocess(preset, ["image"]))
     invert = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True)
     written, failed = [], []
-    for item in track(items, "predict", case_id, progress):
+    skipped: dict = {}
+    for item in track(items, "predict", case_id, progress, skipped):
         try:
             d = load_item(pre, item)
         except SubforeError as exc:  # a bad input is named at the end; the others are still segmented
             failed.append(str(exc))
-            if progress:
-                print(f"predict: skipped {exc}", file=sys.stderr, flush=True)
+            skipped["why"] = str(exc)
             continue
         image = d["image"]
         pred = predict_volume(net, torch.as_tensor(image)[None].float(), roi,
@@ -145,9 +186,10 @@ def predict(
                               sw_batch_size or cfg.finetune.sw_batch_size, cfg.sigmoid, precision).cpu()[0]
         if cfg.sigmoid:  # TC/WT/ET → the label ids of the convention the network was trained on
             pred = from_regions(pred, cfg.data.brats_labels or "msd")
-        # Invertd replays the image's recorded operations backwards onto the prediction.
-        d["pred"] = MetaTensor(pred.float(), meta=image.meta, applied_operations=image.applied_operations)
-        restored = invert(d)["pred"]
+        restored = restore_labels(pred, image, preset.axes)
+        if restored is None:  # Invertd replays the image's recorded operations backwards onto the prediction.
+            d["pred"] = MetaTensor(pred.float(), meta=image.meta, applied_operations=image.applied_operations)
+            restored = invert(d)["pred"]
         labels = np.asarray(restored[0]).round().astype(np.uint8)
         affine = np.asarray(restored.affine, dtype=np.float64)
         name = case_id(item)

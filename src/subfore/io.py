@@ -9,6 +9,7 @@ Imports nothing of subfore's beyond errors; torch, safetensors and matplotlib lo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -78,11 +79,12 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     return write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
+def load_torch(path: str | Path, what: str = "checkpoint", safetensors: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors, numbers, strings, lists and dicts only.
 
     A file whose pickle asks for anything else (a class, ``os.system``) is refused in one line naming the file and
-    the global, before any of it runs; an unreadable file likewise.
+    the global, before any of it runs; an unreadable file likewise. safetensors: the caller takes a ``.safetensors``
+    file too (the messages then offer it).
     """
     import pickle
 
@@ -99,7 +101,7 @@ def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
     # weights file at all, whatever the pickle reader would say about its first byte.
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         raise SubforeError(f"{path}: not a weights file (neither a PyTorch zip archive nor a pickle); give a "
-                           f"{what} written by torch.save, or a .safetensors file")
+                           f"{what} written by torch.save" + (", or a .safetensors file" if safetensors else ""))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -108,7 +110,8 @@ def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
         raise SubforeError(
             f"{path}: refused, its pickle asks for {asked}, which could run code; subfore loads only tensors, "
             f"numbers, strings, lists and dicts (weights_only=True). If you trust the file, re-save its weights as a "
-            f"plain state_dict (torch.save(model.state_dict(), 'weights.pt')) or as safetensors") from None
+            f"plain state_dict (torch.save(model.state_dict(), 'weights.pt'))"
+            + (" or as safetensors" if safetensors else "")) from None
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign files fail in many ways
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise SubforeError(f"{path}: not a readable PyTorch {what} ({type(exc).__name__}: {first})") from None
@@ -189,8 +192,11 @@ def check_output(path: str | Path, kind: str = "file", option: str = "--out") ->
     # os.access passes root everywhere; a file made and removed again is the answer for read-only mounts too.
     try:
         fd, probe = tempfile.mkstemp(prefix=".subfore-write-check-", dir=existing)
-    except OSError:
-        raise SubforeError(f"{option} {path}: the folder {existing} is not writable by this user") from None
+    except OSError as exc:
+        why = {errno.EACCES: "is not writable by this user", errno.EPERM: "is not writable by this user",
+               errno.EROFS: "is on a read-only file system", errno.ENOSPC: "is on a full disk",
+               errno.EDQUOT: "is over its disk quota"}.get(exc.errno, f"takes no new file ({exc.strerror})")
+        raise SubforeError(f"{option} {path}: the folder {existing} {why}") from None
     os.close(fd)
     Path(probe).unlink(missing_ok=True)
     return path

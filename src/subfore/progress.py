@@ -19,8 +19,13 @@ def bar(total: int, desc: str, enabled: bool = True, unit: str = "case", leave: 
                 disable=None if enabled else True, leave=leave)
 
 
-def track(items: Iterable[T], what: str, name: Callable[[T], str], enabled: bool = True) -> Iterator[T]:
-    """Yield ``items``; after each, ``WHAT i/n NAME: 12.3 s`` on stderr (and the bar advances). Off when disabled."""
+def track(items: Iterable[T], what: str, name: Callable[[T], str], enabled: bool = True,
+          skipped: dict | None = None) -> Iterator[T]:
+    """Yield ``items``; after each, ``WHAT i/n NAME: 12.3 s`` on stderr (and the bar advances). Off when disabled.
+
+    skipped: a dict the caller fills with ``{"why": reason}`` for an item it gave up on; that item's line is then
+    ``WHAT i/n NAME: skipped (reason)`` (and the dict is emptied).
+    """
     items = list(items)
     shown = bar(len(items), what, enabled, leave=False)  # the per-case lines stay instead
     try:
@@ -28,7 +33,9 @@ def track(items: Iterable[T], what: str, name: Callable[[T], str], enabled: bool
             start = time.perf_counter()
             yield item
             if enabled:
-                line = f"{what} {i}/{len(items)} {name(item)}: {time.perf_counter() - start:.1f} s"
+                why = skipped.pop("why", None) if skipped is not None else None
+                took = f"skipped ({why})" if why is not None else f"{time.perf_counter() - start:.1f} s"
+                line = f"{what} {i}/{len(items)} {name(item)}: {took}"
                 if shown.disable:
                     print(line, file=sys.stderr, flush=True)
                 else:

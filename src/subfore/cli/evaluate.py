@@ -65,6 +65,11 @@ def evaluate(
     if methods and len(methods) != len(sources):
         what = "checkpoints" if checkpoints else "predictions folders"
         raise SubforeError(f"--method given {len(methods)} times for {len(sources)} {what}")
+    if len(checkpoints) > 1:  # a bad second checkpoint stops the command before the first one is scored
+        from ..inference import check_window, load_finetuned
+
+        for source in checkpoints:
+            check_window(load_finetuned(source)[0], _roi(roi))
     results = []
     for i, source in enumerate(sources):
         # One source writes OUT itself; several write OUT.<i>.json each and a shared table.

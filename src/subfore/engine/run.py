@@ -254,7 +254,8 @@ class RunFolder:
     Made just before the run's first write (config.yaml, the TensorBoard log); used as a context manager around the
     rest. On an exception (not a preemption, which saved its checkpoint; not Ctrl-C) with no checkpoint saved or
     changed by this run, every file and folder that was not there when it was made is removed (a run folder, and the
-    parents of it, that the run created go too when empty), and the files of its top level that it rewrote
+    parents of it, that the run created go too when empty; in folders that were already there, only inside the run's
+    own: checkpoints, tensorboard, snapshots), and the files of its top level that it rewrote
     (config.yaml, metrics.jsonl) get their earlier bytes back: a rerun finds the folder as it was. Nothing else that
     was there before (a resumed run's files) is touched, nor ``keep`` (a data cache or phantoms inside the run
     folder); after a checkpoint everything stays, for --resume. ``owner``: False on ranks other than 0, which change
@@ -262,6 +263,10 @@ class RunFolder:
     """
 
     SAVED_BYTES = 16 << 20  # top-level files up to this size are kept in memory to be put back
+    #: the top-level files a run rewrites (put back after a failure) and the folders it writes into (looked into);
+    #: other files and folders that were there stay as they are, even in a run_dir shared with other work ('.')
+    REWRITTEN = ("config.yaml", "metrics.jsonl")
+    WRITTEN_INTO = ("checkpoints", "tensorboard", "snapshots", "lightning_logs")
 
     def __init__(self, run_dir: str | Path, keep: Iterable[str | Path | None] = ()) -> None:
         self.run_dir = Path(run_dir)
@@ -274,8 +279,8 @@ class RunFolder:
             p = p.parent
         self.before = self._paths()
         self.checkpoints = self._checkpoints()
-        self.saved = {p.name: p.read_bytes() for p in (self.run_dir.iterdir() if self.run_dir.is_dir() else ())
-                      if p.is_file() and not p.is_symlink() and p.stat().st_size <= self.SAVED_BYTES}
+        self.saved = {name: p.read_bytes() for name in self.REWRITTEN if (p := self.run_dir / name).is_file()
+                      and not p.is_symlink() and p.stat().st_size <= self.SAVED_BYTES}
 
     def __enter__(self) -> "RunFolder":
         return self
@@ -297,8 +302,9 @@ class RunFolder:
     def _paths(self) -> set[str]:
         out: set[str] = set()
         for root, dirs, files in os.walk(self.run_dir):
-            dirs[:] = [d for d in dirs if not any(Path(root, d).resolve() == k for k in self.keep)]
             out.update(os.path.relpath(os.path.join(root, name), self.run_dir) for name in dirs + files)
+            dirs[:] = [d for d in dirs if not any(Path(root, d).resolve() == k for k in self.keep)
+                       and (Path(root) != self.run_dir or d in self.WRITTEN_INTO)]
         return out
 
     def _checkpoints(self) -> dict[str, tuple[int, int, int]]:
@@ -316,8 +322,9 @@ class RunFolder:
             for name in list(dirs):
                 p = Path(root, name)
                 if os.path.relpath(p, self.run_dir) in self.before or self._kept(p):
-                    if p.resolve() in self.keep or p.is_symlink():
-                        dirs.remove(name)  # a kept path, or a link the walk does not follow
+                    if p.resolve() in self.keep or p.is_symlink() or (
+                            Path(root) == self.run_dir and name not in self.WRITTEN_INTO):
+                        dirs.remove(name)  # a kept path, a link the walk does not follow, or not the run's
                     continue
                 dirs.remove(name)
                 if p.is_symlink():

@@ -342,7 +342,7 @@ def read_weights(path: str | Path) -> WeightsFile:
             meta = _beside(path)
         kind = "subfore model folder" if path.name == FOLDER_FILES[0] else "safetensors"
         return _released(WeightsFile(path, _normalise(state, path), kind, meta))
-    obj = load_torch(path, "weights file")
+    obj = load_torch(path, "weights file", safetensors=True)
     if not isinstance(obj, dict):
         raise SubforeError(f"{path}: holds no state_dict of tensors")
     architecture.scan({k: v for k, v in obj.items() if not isinstance(v, torch.Tensor)}, path)

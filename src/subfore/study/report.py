@@ -95,7 +95,8 @@ def _plots(results, arms, tests, summary, out: Path) -> None:
     axes[1].set_title("finetune validation Dice (mean over seeds)")
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel no arm has a curve for stays without a legend
+            ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "curves.png", dpi=110)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import PretrainConfig, load_config
 from ..data.phantoms import ensure_phantoms
-from ..engine.run import device_for
+from ..engine.run import device_for, inference_precision
 from ..errors import ConfigError
 from ..evaluate import evaluate
 from ..finetune import finetune
@@ -122,9 +122,10 @@ def probe_arm(cfg: StudyConfig, arm: str, seed: int) -> dict:
     st = cfg.study
     over = dict(next((o for a, o in expand_arms(cfg) if a == arm), None) or {})
     pcfg = load_config(None, [], PretrainConfig, base=with_overrides(cfg.pretrain, {**over, "data.train": "unused"}))
-    # The probe runs where pretraining ran.
+    # The probe runs where pretraining ran, at its precision.
+    t = pcfg.train
     probe = Probe(st.probe, pcfg.model, pcfg.data.channels, pcfg.data.roi, pcfg.data.preset_obj(),
-                  device_for(pcfg.train.accelerator))
+                  device_for(t.accelerator), precision=inference_precision(t.precision, t.accelerator))
     net = probe.network(seed=seed)
     encoder = Path(st.study_dir) / arm / f"seed{seed}" / "pretrain" / "encoder.pt"
     if parse_arm(arm) is not None:
