@@ -15,12 +15,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import time
 
 import torch
+from _common import engine_fit, peak, phantom_crops, plain_loop  # benchmarks/_common.py
 
 
 def make_config(args):
@@ -39,99 +38,36 @@ def make_config(args):
     return load_config(None, [], base=tree)
 
 
-def crops(args, device="cpu"):
+def crops(args) -> list[torch.Tensor]:
     """Phantom-like crops: a body ellipse of soft tissue in air, so foreground masking has work to do."""
-    g = torch.Generator().manual_seed(0)
-    n = args.batch * (args.warmup + args.steps)
-    r = args.roi
-    zz, yy, xx = torch.meshgrid(*(torch.linspace(-1, 1, r),) * 3, indexing="ij")
-    body = ((xx / 0.8) ** 2 + (yy / 0.6) ** 2 <= 1).float()
-    return [torch.clamp(0.5 * body + 0.05 * torch.randn(1, r, r, r, generator=g), 0, 1) for _ in range(n)]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    return phantom_crops(args.batch * (args.warmup + args.steps), args.roi)
 
 
 def run_plain(args) -> dict:
     """A hand-written loop: the minimum the engine's step has to do."""
-    from subfore.masking import apply_mask, masked_l1
-    from subfore.pretrain import MaskedImageModel, warmup_cosine
-
-    cfg = make_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = MaskedImageModel(cfg).to(device)
-    net, masker = module.net, module.masker
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 0, cfg.train.max_steps))
-    data = crops(args)
-    gen = torch.Generator(device=device).manual_seed(0)
-    amp = args.precision.startswith("bf16")
-    t0 = None
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            sync(device)
-            t0 = time.perf_counter()
-        x = torch.stack(data[i * args.batch : (i + 1) * args.batch]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            mask = masker(x, generator=gen)
-            pred = net(apply_mask(x, mask, "noise", generator=gen))
-            loss = masked_l1(pred.float(), x, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    sync(device)
-    elapsed = time.perf_counter() - t0
-    # Mask share: time the mask path alone on the same batches.
-    sync(device)
-    t1 = time.perf_counter()
-    for i in range(args.steps):
-        x = torch.stack(data[i * args.batch : (i + 1) * args.batch]).to(device)
-        apply_mask(x, masker(x, generator=gen), "noise", generator=gen)
-    sync(device)
-    mask_time = time.perf_counter() - t1
-    return {"samples_per_s": args.steps * args.batch / elapsed, "step_s": elapsed / args.steps,
-            "mask_s": mask_time / args.steps, **peak(device)}
+    r = plain_loop(make_config(args), crops(args), args.warmup, args.steps, device, precision=args.precision,
+                   time_masks=True)
+    return {"samples_per_s": r["samples_per_s"], "step_s": r["step_s"], "mask_s": r["mask_s"], **peak(device)}
 
 
 def run_engine(args) -> dict:
     """The real engine: Lightning Trainer + MaskedImageModel, fed the same crops."""
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Callback
 
     from subfore.pretrain import MaskedImageModel, resolve_precision
 
     cfg = make_config(args)
-    data = [{"image": c} for c in crops(args)]
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    class Clock(Callback):
-        def on_train_batch_start(self, trainer, module, batch, i):
-            if trainer.global_step == args.warmup:
-                sync(device)
-                self.t0 = time.perf_counter()
+    def trainer(callbacks):
+        return pl.Trainer(max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                          precision=resolve_precision(args.precision), callbacks=callbacks,
+                          default_root_dir=args.run_dir)
 
-        def on_train_end(self, trainer, module):
-            sync(device)
-            self.elapsed = time.perf_counter() - self.t0
-
-    clock = Clock()
-    trainer = pl.Trainer(max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-                         precision=resolve_precision(args.precision), callbacks=[clock], default_root_dir=args.run_dir)
-    trainer.fit(MaskedImageModel(cfg), loader)
-    return {"samples_per_s": args.steps * args.batch / clock.elapsed, "step_s": clock.elapsed / args.steps,
-            **peak(device)}
-
-
-def peak(device) -> dict:
-    if device.type == "cuda":
-        return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, "mem_kind": "CUDA max allocated"}
-    return {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "mem_kind": "max RSS"}
+    r = engine_fit(MaskedImageModel(cfg), crops(args), args.batch, args.warmup, args.steps, device, trainer)
+    return {"samples_per_s": r["samples_per_s"], "step_s": r["step_s"], **peak(device)}
 
 
 def main() -> None:
