@@ -1,6 +1,8 @@
 """MONAI's backbones: SwinUNETR (the SubFore paper's), UNETR and BasicUNet (the small CNN for CPU users).
 
 Each builder maps a model section (``model.*``) to a network (B, in_channels, *roi) → (B, out_channels, *roi).
+``model.checkpointing`` checkpoints the encoder: SwinUNETR's by MONAI (``use_checkpoint``), UNETR's ViT blocks and
+BasicUNet's encoder stages (conv_0, down_1…down_4) here (:mod:`.checkpointing`), with the same state_dict keys.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from monai.networks.nets import BasicUNet, SwinUNETR, UNETR
 from torch import nn
 
 from ..errors import ConfigError
+from .checkpointing import checkpoint_modules
 from .mae import PATCH, MaskedAutoencoder, freeze_unused
 
 
@@ -63,11 +66,17 @@ def swinunetr(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.
 
 
 def unetr(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
-    return freeze_unused(UNETR(**unetr_args(m, in_channels, out_channels, roi)))
+    net = freeze_unused(UNETR(**unetr_args(m, in_channels, out_channels, roi)))
+    if m.checkpointing:
+        checkpoint_modules(net.vit.blocks)
+    return net
 
 
 def basicunet(m, in_channels: int, out_channels: int, roi: Sequence[int]) -> nn.Module:
-    return BasicUNet(**basicunet_args(m, in_channels, out_channels, roi))
+    net = BasicUNet(**basicunet_args(m, in_channels, out_channels, roi))
+    if m.checkpointing:
+        checkpoint_modules([net.conv_0, net.down_1, net.down_2, net.down_3, net.down_4])
+    return net
 
 
 def unetr_mae(m, in_channels: int, roi: Sequence[int], decoder, predict_loss: bool = False) -> MaskedAutoencoder:
@@ -76,5 +85,7 @@ def unetr_mae(m, in_channels: int, roi: Sequence[int], decoder, predict_loss: bo
     decoder: the ``decoder`` section (width, depth, heads); predict_loss: hard-patch mining's per-patch loss head.
     """
     vit = UNETR(**unetr_args(m, in_channels, 1, roi)).vit
+    if m.checkpointing:
+        checkpoint_modules(vit.blocks)  # the visible tokens' blocks; the light decoder is not checkpointed
     return MaskedAutoencoder(vit, in_channels, tuple(r // PATCH for r in roi), decoder.width, decoder.depth,
                              decoder.heads, predict_loss)

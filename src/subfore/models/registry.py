@@ -60,7 +60,7 @@ def from_section(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def _nnunet(m, cin, cout, roi, arch):
-    return nnunet_nets.build_network(arch, cin, cout)
+    return nnunet_nets.build_network(arch, cin, cout, m.checkpointing)
 
 
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (

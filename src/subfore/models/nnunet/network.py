@@ -18,6 +18,7 @@ from typing import Any
 
 from ...data.plans import plans_configuration, read_plans
 from ...errors import ConfigError, SubforeError
+from ..checkpointing import checkpoint_modules
 from .architecture import check as checked
 from .architecture import network_class, op_classes, scan
 
@@ -176,13 +177,14 @@ def check_roi_for(arch: dict, roi, description: str, subvolume_size: int | None 
 
 
 # --- networks ---------------------------------------------------------------------------------------
-def build_network(arch: dict, in_channels: int, out_channels: int):
+def build_network(arch: dict, in_channels: int, out_channels: int, checkpointing: bool = False):
     """nnU-Net's network for ``arch``: (B, in_channels, *roi) → (B, out_channels, *roi) at full resolution.
 
     The class and ops come from the allow-list (:mod:`.architecture`), never from the names themselves: the same
     class nnU-Net's ``get_network_from_plans`` builds, so the state_dict keys are those ``nnUNetv2_train`` has.
     Deep supervision is off, so the decoder's lower-resolution seg_layers take no part in the forward pass;
     they are frozen (requires_grad False) so that DDP does not wait for their gradients and AdamW skips them.
+    checkpointing (``model.checkpointing``): each encoder stage (``encoder.stages[i]``) is recomputed in backward.
     """
     arch = checked(arch, None, "architecture.")
     try:
@@ -206,6 +208,8 @@ def build_network(arch: dict, in_channels: int, out_channels: int):
     seg = net.decoder.seg_layers
     for layer in list(seg)[:-1]:
         layer.requires_grad_(False)
+    if checkpointing:
+        checkpoint_modules(net.encoder.stages)
     return net
 
 
