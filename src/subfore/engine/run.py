@@ -29,7 +29,9 @@ class RunControl(Callback):
     """Signals, the final checkpoint, replica checks and the metrics file's consistency on resume.
 
     - SIGTERM/SIGUSR1 set a flag (:class:`StopRequest`); at the next optimiser step every rank agrees, saves
-      ``last.ckpt`` at that step and stops (the caller then raises :class:`Preempted`).
+      ``last.ckpt`` at that step and stops (the caller then raises :class:`Preempted`). With several processes a
+      signal between logged steps takes effect one step later (the previous step's agreed flag, read without a
+      device sync).
     - At the end every rank joins the save of ``last.ckpt`` (a collective under DDP), then ``on_end`` runs
       on rank 0 (export), then all ranks wait for it.
     - Under DDP the weights of every rank are hashed and compared: they must be equal bit for bit.

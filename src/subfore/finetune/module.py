@@ -6,7 +6,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from ..config import FinetuneConfig
-from ..engine.module import RunModule, gather_scalars, reduce_sum, warmup_cosine
+from ..engine.module import RunModule, adamw, reduce_sum, warmup_cosine
 from ..engine.run import autocast_of
 from ..inference import predict_volume
 from ..models.registry import Backbone, resolve_backbone
@@ -19,7 +19,7 @@ class SegmentationModel(RunModule):
     val_metrics = {"val/dice": ("val_dice", float), "val/cases": ("val_cases", int)}
 
     def __init__(self, cfg: FinetuneConfig, backbone: Backbone | None = None) -> None:
-        super().__init__(cfg.seed, cfg.train.max_bad_steps)
+        super().__init__(cfg.seed, cfg.train.max_bad_steps, cfg.train.log_every)
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.model_dump(mode="json"), "kind": "subfore-finetune"})
         if backbone is None:
@@ -30,21 +30,13 @@ class SegmentationModel(RunModule):
         self.loss = DiceCELoss(to_onehot_y=not cfg.sigmoid, softmax=not cfg.sigmoid, sigmoid=cfg.sigmoid)
 
     def training_step(self, batch, batch_idx):
-        x, y = torch.as_tensor(batch["image"]).float(), torch.as_tensor(batch["label"]).float()
+        # Plain tensors: MONAI's MetaTensor handles batch metadata on the host at every indexing op in the loss.
+        x, y = (torch.as_tensor(batch[k]).as_subclass(torch.Tensor).float() for k in ("image", "label"))
         loss = self.loss(self.net(x), y)
+        # Not through self.log: Lightning would read its progress-bar values from the device at every step. The
+        # logged steps' row ({"loss": the mean over ranks}) is RunModule's, read in one transfer.
         self.note_loss(loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=x.shape[0])
         return loss
-
-    def step_ended(self) -> None:
-        step = self.global_step + 1
-        if step % self.cfg.train.log_every == 0 or step == 1:
-            loss = self.step_loss()
-            if self.trainer.world_size > 1:  # the mean over ranks, as pretraining logs it
-                (losses,) = gather_scalars(self, [torch.tensor(loss)])
-                loss = sum(losses) / len(losses)
-            self.row = {"loss": loss}
 
     def on_validation_epoch_start(self) -> None:
         k = self.cfg.model.out_channels - (0 if self.cfg.sigmoid else 1)
@@ -74,7 +66,7 @@ class SegmentationModel(RunModule):
 
     def configure_optimizers(self):
         o, t = self.cfg.optim, self.cfg.train
-        opt = torch.optim.AdamW(self.net.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        opt = adamw(self, self.net.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o.warmup_steps, t.max_steps, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

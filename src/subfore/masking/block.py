@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import MaskGenerator, register
-from .grid import exact_count, select_lowest, uniform_noise
+from .grid import device_ints, exact_count, select_lowest, uniform_noise
 
 
 @register("block")
@@ -27,10 +29,11 @@ class BlockMask(MaskGenerator):
     def build(self, x, grid, generator):
         self.last_stats = {}
         b, dev = x.shape[0], x.device
-        dims = torch.tensor(grid, device=dev)
-        n = int(dims.prod())
-        hi = dims.clamp_max(self.max_side) if self.max_side else (dims // 2).clamp_min(1)
-        lo = torch.minimum(torch.full_like(dims, self.min_side), hi)
+        # From host ints: reading a device tensor (or copying one there) would wait for the device.
+        n = math.prod(grid)
+        sides_hi = [min(g, self.max_side) if self.max_side else max(g // 2, 1) for g in grid]
+        dims, hi = device_ints(grid, dev), device_ints(sides_hi, dev)
+        lo = device_ints([min(self.min_side, h) for h in sides_hi], dev)
         # Enough cuboids that the union nearly always reaches the target; any shortfall is topped up at random.
         m = 2 * n
         u = uniform_noise((b, m, 3), dev, generator)

@@ -77,6 +77,8 @@ def resolve_threshold(means: torch.Tensor, threshold: Threshold) -> torch.Tensor
         if threshold != "otsu":
             raise ValueError(f"threshold must be a number or 'otsu', got {threshold!r}")
         return otsu_thresholds(means.flatten(1)).view(-1, 1, 1, 1)
+    if isinstance(threshold, (int, float)):  # a fill: copying a number to a GPU waits for it
+        return torch.full((), float(threshold), dtype=means.dtype, device=means.device)
     t = torch.as_tensor(threshold, dtype=means.dtype, device=means.device)
     return t.view(-1, 1, 1, 1) if t.ndim else t
 
@@ -102,6 +104,11 @@ def to_grid(mask: torch.Tensor, size: int) -> torch.Tensor:
     if mask.ndim == 5:
         return mask
     raise ValueError(f"mask must be a grid (B, nz, ny, nx) or voxels (B, 1, D, H, W), got {tuple(mask.shape)}")
+
+
+def device_ints(values, device: torch.device) -> torch.Tensor:
+    """Host ints as an int64 vector on ``device``, made by fills: a copy from the host would wait for a GPU."""
+    return torch.stack([torch.full((), int(v), dtype=torch.int64, device=device) for v in values])
 
 
 def uniform_noise(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:

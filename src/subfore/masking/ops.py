@@ -41,22 +41,28 @@ def apply_mask(
 class EmptyMaskCounter:
     """Counts loss calls that found no masked voxel, without a device sync until read.
 
-    Owned by whoever trains (the pretraining module keeps one and saves it in its checkpoints).
+    Owned by whoever trains (the pretraining module keeps one and saves it in its checkpoints). A count restored
+    from a checkpoint stays a host int beside the device count, so that nothing crosses between them per step.
     """
 
     def __init__(self) -> None:
+        self._base = 0
         self._count: torch.Tensor | None = None
 
     def add(self, empty: torch.Tensor) -> None:
         e = empty.detach().long()
-        self._count = e if self._count is None else self._count + e.to(self._count.device)
+        self._count = e if self._count is None else self._count + e
+
+    def total(self) -> torch.Tensor | int:
+        """The count so far: a device scalar (read it when logging) or, before any add, a host int."""
+        return self._base if self._count is None else self._count + self._base
 
     @property
     def value(self) -> int:
-        return 0 if self._count is None else int(self._count)
+        return int(self.total())
 
-    def reset(self) -> None:
-        self._count = None
+    def reset(self, start: int = 0) -> None:
+        self._base, self._count = int(start), None
 
 
 LOSSES = ("l1", "mse")

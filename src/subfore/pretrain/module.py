@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..config import PretrainConfig
-from ..engine.module import RunModule, gather_scalars, reduce_sum, tensor_digest, warmup_cosine
+from ..engine.module import RunModule, adamw, reduce_sum, tensor_digest, warmup_cosine
 from ..engine.sampling import mix_seed
 from ..masking import (EmptyMaskCounter, Window, apply_mask, foreground_grid, from_config, masked_loss,
                        patch_normalise, random_grid, voxel_error)
@@ -41,7 +41,7 @@ class MaskedImageModel(RunModule):
     def __init__(self, cfg: PretrainConfig, backbone: Backbone | None = None,
                  foreground: tuple[float | str, Window | None] | None = None) -> None:
         """backbone, foreground: the config's backbone and (λ, window) when the caller resolved them already."""
-        super().__init__(cfg.seed, cfg.train.max_bad_steps)
+        super().__init__(cfg.seed, cfg.train.max_bad_steps, cfg.train.log_every)
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.model_dump(mode="json")})
         mk = cfg.masking
@@ -77,6 +77,7 @@ class MaskedImageModel(RunModule):
         self.empty_masks = EmptyMaskCounter()  # this rank's training losses that had nothing masked
         self.last_views: dict | None = None
         self._seen: dict = {}
+        self._row_seen: dict = {}
         self.data_summary: dict | None = None  # for encoder.json: how many volumes, from which datalist
         self.probe_score: dict | None = None  # for encoder.json: the last linear probe's mean Dice
 
@@ -98,8 +99,7 @@ class MaskedImageModel(RunModule):
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("subfore", {})
         self.fallbacks_total = state.get("fallbacks_total", 0)
-        self.empty_masks.reset()
-        self.empty_masks.add(torch.tensor(state.get("empty_masks", 0)))
+        self.empty_masks.reset(state.get("empty_masks", 0))
 
     # --- the teacher ----------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -129,14 +129,17 @@ class MaskedImageModel(RunModule):
             ~m, float("-inf"))
 
     def after_step(self) -> None:
-        """The EMA teacher follows the student after every optimiser step that was taken."""
+        """The EMA teacher follows the student after every optimiser step that was taken: its lerp weight is
+        1 − m times ``step_applied``, 0 on a step skipped on the device (non-finite loss, or GradScaler's skip)."""
         if self.teacher is not None:
             mk = self.cfg.masking
             m = ema_momentum(self.global_step, self.cfg.train.max_steps, mk.ema_momentum, mk.ema_momentum_end,
                              mk.ema_ramp, mk.ema_ramp_fraction)
+            applied = self.step_applied
+            weight = (1.0 - m) * applied if isinstance(applied, float) else (applied * (1.0 - m)).to(torch.float32)
             with torch.no_grad():
                 t, s = list(self.teacher.parameters()), list(self.net.parameters())
-                torch._foreach_lerp_(t, s, 1.0 - m)
+                torch._foreach_lerp_(t, s, weight)
 
     # --- the step -----------------------------------------------------------------------------
     def _fill(self):
@@ -202,18 +205,18 @@ class MaskedImageModel(RunModule):
         if "fallbacks" in stats:
             # Accumulated on the device; read (synchronised) only when logging.
             self.fallbacks_total = stats["fallbacks"] + self.fallbacks_total
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=x.shape[0])
-        if self._logging_now() or self._snapshot_now():
+        # Nothing logged through self.log here: Lightning would read its progress-bar values from the device at
+        # every step. The logged step's values are read in one transfer (RunModule.log_values).
+        if self.logging_now() or self._snapshot_now():
             self._seen = {"x": x.detach(), "ref": ref, "out": out, "stats": dict(stats)}
         return loss
 
     def step_ended(self) -> None:
-        # Runs on every rank after the last micro-batch of a step, so the gathers in step_row line up.
-        seen, self._seen = self._seen, {}
-        if seen and self._logging_now():
-            self.row = {**self.step_row(seen), "time": round(time.time(), 3)}
-        if seen and self._snapshot_now():
+        # Runs on every rank after the last micro-batch of a step; log_values (logged steps) comes next.
+        seen = self._seen
+        self._seen = {}
+        self._row_seen = seen if seen and self.logging_now() else {}
+        if seen and self._snapshot_now():  # a copy to the host, at snapshot steps only
             x_in = seen["out"]["x_in"]
             if x_in is None:  # visible encoding: the network saw no filled voxels; show the masked ones as 0
                 x_in = apply_mask(seen["x"], seen["out"]["mask"], "zero")
@@ -221,38 +224,52 @@ class MaskedImageModel(RunModule):
             self.last_views = {k: v[:1].detach().float().cpu() for k, v in views}
             self.last_views["mask"] = seen["out"]["mask"][:1].cpu()
 
-    def step_row(self, seen: dict) -> dict:
-        """The metrics.jsonl row of the step that just ended (its last micro-batch's mask and crops)."""
+    def log_values(self) -> dict:
+        """The logged step's row values (its last micro-batch's mask and crops) as device scalars."""
+        seen, self._row_seen = self._row_seen, {}
+        values = {"loss": self.step_loss()}
+        if not seen:
+            return values
         x, out, stats = seen["x"], seen["out"], seen["stats"]
         fg = stats.get("foreground_fraction")
         if fg is None:
             source = x if seen.get("ref") is None else seen["ref"]
             fg = foreground_grid(source, self.masker.size, self.threshold).float().mean()
-        row = {
-            "loss": self.step_loss(),
-            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
-            "masked_fraction": float(out["mask"].float().mean()),
-            "foreground_fraction": float(fg),
-            "fallbacks": int(self.fallbacks_total),
-            "skipped_steps": self.skipped_steps,
-            "empty_masks": self.empty_masks.value,
-        }
+        values.update(masked_fraction=out["mask"].float().mean(), foreground_fraction=fg,
+                      fallbacks=self.fallbacks_total, empty_masks=self.empty_masks.total())
         if self.teacher is not None:
-            row["r_t"] = float(stats["r_t"])
-            row["teacher_fg_share"] = float(stats["teacher_fg_share"])
+            values.update(r_t=float(self.masker.r_t), teacher_fg_share=stats["teacher_fg_share"])
         if self.predicts_loss:
             sel = out["mask"].flatten(1)
-            row["predictor_loss"] = float(out["predictor_loss"].detach())
-            row["spearman"] = float(spearman(out["predicted"][sel].detach(), out["true"][sel]))
+            values.update(predictor_loss=out["predictor_loss"].detach(),
+                          spearman=spearman(out["predicted"][sel].detach(), out["true"][sel]))
         if self.trainer.world_size > 1:
-            # The loss over all ranks, and per-rank fingerprints of this step's crops and masks (they must differ).
-            losses, crops, masks = gather_scalars(self, [torch.tensor(row["loss"]), tensor_digest(x),
-                                                         tensor_digest(out["mask"])])
-            row.update(loss=sum(losses) / len(losses), rank_loss=losses, rank_crop_digest=crops,
-                       rank_mask_digest=masks)
+            # Per-rank fingerprints of this step's crops and masks (they must differ).
+            values.update(crop=tensor_digest(x), masks=tensor_digest(out["mask"]))
+        return values
+
+    def make_row(self, values: dict[str, list[float]]) -> dict:
+        """The metrics.jsonl row of the step that just ended, from :meth:`log_values` as read on every rank."""
+        me = self.global_rank
+        losses = values["loss"]
+        row = {"loss": losses[me], "lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
+        if "masked_fraction" not in values:
+            return row
+        row.update(masked_fraction=values["masked_fraction"][me],
+                   foreground_fraction=values["foreground_fraction"][me],
+                   fallbacks=int(values["fallbacks"][me]), skipped_steps=self.skipped_steps,
+                   empty_masks=int(values["empty_masks"][me]))
+        for key in ("r_t", "teacher_fg_share", "predictor_loss", "spearman"):
+            if key in values:
+                row[key] = float(values[key][me])
+        if self.trainer.world_size > 1:
+            # The loss over all ranks, and per-rank fingerprints of this step's crops and masks.
+            row.update(loss=sum(losses) / len(losses), rank_loss=losses, rank_crop_digest=values["crop"],
+                       rank_mask_digest=values["masks"])
+        row["time"] = round(time.time(), 3)
         return row
 
-    def _logging_now(self) -> bool:
+    def logging_now(self) -> bool:
         step = self.global_step + 1
         return step == 1 or step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
 
@@ -286,10 +303,8 @@ class MaskedImageModel(RunModule):
             if not p.requires_grad:  # the EMA teacher
                 continue
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=o.betas,
-        )
+        opt = adamw(self, [{"params": decay, "weight_decay": o.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o.warmup_steps, t.max_steps, o.min_lr_ratio)
         )
