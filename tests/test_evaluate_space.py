@@ -465,7 +465,10 @@ def test_labels_go_back_to_the_input_grid_as_invertd_puts_them(tmp_path, geometr
     preset = Preset(modality="ct", spacing=spacing, orientation=orientation, axes=axes)
     pre, d = _preprocessed(tmp_path, affine, shape, preset)
     image = d["image"]
-    pred = torch.randint(0, 14, (1, *image.shape[1:]), generator=torch.Generator().manual_seed(1))
+    # One label map, or three region channels (BraTS: TC, WT, ET) as a sigmoid network's evaluate hands them over.
+    channels = 3 if geometry == "lps" else 1
+    pred = torch.randint(0, 14 if channels == 1 else 2, (channels, *image.shape[1:]),
+                         generator=torch.Generator().manual_seed(1))
     pred = MetaTensor(pred, meta=image.meta)  # as sliding_window_inference returns it
     d["pred"] = MetaTensor(pred.float(), meta=image.meta, applied_operations=image.applied_operations)
     reference = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)(d)["pred"]
@@ -473,22 +476,35 @@ def test_labels_go_back_to_the_input_grid_as_invertd_puts_them(tmp_path, geometr
         warnings.simplefilter("error")
         restored = restore_labels(pred, image, preset.axes)
     assert restored is not None and restored.dtype == torch.uint8
-    assert tuple(restored.shape) == (1, *shape)
+    assert tuple(restored.shape) == (channels, *shape)
     np.testing.assert_allclose(np.asarray(restored.affine), affine, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(restored[0]), np.asarray(reference[0]).round().astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(restored), np.asarray(reference).round().astype(np.uint8))
 
 
 def test_labels_go_back_to_the_nearest_voxel_along_an_axis_by_hand(tmp_path):
     """3 mm input slices resampled to 2 mm: input slice k lies at preprocessed position 1.5 k; it takes the nearest
-    slice (a tie, k odd, goes to the even one) and the last input slices past the resampled edge take the edge."""
+    slice (a tie, k odd, goes to the even one) and the last input slice, past the resampled edge, takes the edge."""
     from subfore.data.presets import Preset
     from subfore.inference import restore_labels
 
     affine = np.diag([1.0, 1.0, 3.0, 1.0])
-    _, d = _preprocessed(tmp_path, affine, (4, 4, 13), Preset(modality="ct", spacing=(1.0, 1.0, 2.0)))
+    _, d = _preprocessed(tmp_path, affine, (4, 4, 14), Preset(modality="ct", spacing=(1.0, 1.0, 2.0)))
     image = d["image"]
     n = image.shape[-1]
+    assert n == 20  # 39 mm of slice centres at 2 mm: the last input slice (at 19.5) lies past the last one (19)
     pred = torch.arange(n).view(1, 1, 1, n).expand(1, 4, 4, n) + 1
     restored = np.asarray(restore_labels(pred, image)[0])
-    expected = [min(p, n - 1) + 1 for p in (0, 2, 3, 4, 6, 8, 9, 10, 12, 14, 15, 16, 18)]
+    expected = [p + 1 for p in (0, 2, 3, 4, 6, 8, 9, 10, 12, 14, 15, 16, 18, 19)]
     assert restored[2, 1].tolist() == expected
+
+
+def test_labels_on_a_grid_rotated_against_the_input_are_left_to_invertd(tmp_path):
+    """A preprocessed grid that is not axis-aligned with the input's has no one-index-per-axis map: None."""
+    from subfore.data.presets import Preset
+    from subfore.inference import restore_labels
+
+    _, d = _preprocessed(tmp_path, np.diag([1.0, 1.0, 2.0, 1.0]), (8, 8, 6), Preset(modality="ct", spacing=(1, 1, 2)))
+    image = d["image"]
+    assert restore_labels(torch.zeros((1, *image.shape[1:]), dtype=torch.long), image) is not None
+    image.affine = torch.as_tensor(_OBLIQUE)
+    assert restore_labels(torch.zeros((1, *image.shape[1:]), dtype=torch.long), image) is None

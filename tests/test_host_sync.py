@@ -170,8 +170,9 @@ def test_max_bad_steps_stops_at_the_next_read_and_nothing_moved(phantom_dir, tmp
     start = {}
     note = MaskedImageModel.note_loss
     monkeypatch.setattr(MaskedImageModel, "note_loss", lambda self, loss, shown=None: note(self, loss * float("nan")))
-    monkeypatch.setattr(MaskedImageModel, "on_train_start", lambda self: start.update(
-        {k: v.detach().clone() for k, v in self.net.state_dict().items()}))
+    on_start = MaskedImageModel.on_train_start
+    monkeypatch.setattr(MaskedImageModel, "on_train_start", lambda self: (start.update(
+        {k: v.detach().clone() for k, v in self.net.state_dict().items()}), on_start(self)))
     steps = []
     ended = MaskedImageModel.step_ended
     monkeypatch.setattr(MaskedImageModel, "step_ended", lambda self: (steps.append(self.global_step + 1),

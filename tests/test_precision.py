@@ -53,3 +53,15 @@ def test_finetuning_validation_runs_at_the_training_precision(phantom_dir, tmp_p
     finetune(load_config(None, [], FinetuneConfig, base=tree))
     # Lightning's own autocast is on around validation_step too; predict_volume keeps it on (bf16), not off (32).
     assert seen and all(p == "bf16" for p, _ in seen), seen
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", True), ("cpu", False)])
+def test_cudnn_autotuning_is_on_for_runs_on_cuda_only(monkeypatch, tmp_path, device, expected):
+    """Fixed-size 3D crops: cuDNN picks its fastest kernels once (Trainer(benchmark=True)) where the run is on CUDA."""
+    import subfore.engine.run as run
+    from subfore.config import TrainConfig
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)
+    monkeypatch.setattr(run, "device_for", lambda accelerator: device)
+    run.make_trainer(tmp_path, TrainConfig(accelerator="cpu", devices=1, progress_bar=False), [], False)
+    assert torch.backends.cudnn.benchmark is expected

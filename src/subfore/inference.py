@@ -58,9 +58,10 @@ def predict_volume(net: torch.nn.Module, image: torch.Tensor, roi, overlap: floa
 
 
 def restore_labels(pred: torch.Tensor, image: MetaTensor, axes: Sequence[int] | None = None) -> MetaTensor | None:
-    """Labels (1, D, H, W) on ``image``'s preprocessed grid → uint8 (1, X, Y, Z) on the input's own grid (its affine),
-    nearest neighbour with border padding as Invertd's Spacingd inverse, by one index array per axis: no sampling
-    grid over every input voxel (Invertd's, in float64, is the largest allocation of predict on a 512²×200 CT).
+    """Labels (C, D, H, W) on ``image``'s preprocessed grid (C = 1, or K regions) → uint8 (C, X, Y, Z) on the
+    input's own grid (its affine), nearest neighbour with border padding as Invertd's Spacingd inverse, by one index
+    array per axis: no sampling grid over every input voxel (Invertd's, in float64, is the largest allocation of
+    predict on a 512²×200 CT).
 
     axes: the preset's Transposed order (it leaves the affine as it was, so it is undone first). None where the two
     grids are not axis-aligned (then Invertd). Ties (a voxel centre exactly half-way) go to the even index.
@@ -81,12 +82,12 @@ def restore_labels(pred: torch.Tensor, image: MetaTensor, axes: Sequence[int] | 
     off[src, range(3)] = 0
     if sorted(src.tolist()) != [0, 1, 2] or off.max() > 1e-4 * lin.max():
         return None
-    p = pred[0].permute(*src.tolist())  # a view: the preprocessed axes in the input's order
+    p = pred.permute(0, *(int(s) + 1 for s in src))  # a view: the preprocessed axes in the input's order
     p = p.to(torch.uint8 if int(p.max()) < 256 else torch.int32)  # a 1-byte copy, not int64 (argmax's)
     idx = [torch.from_numpy(np.clip(np.rint(m[src[k], k] * np.arange(shape_in[k]) + m[src[k], 3]),
-                                    0, p.shape[k] - 1).astype(np.int64)) for k in range(3)]
-    out = p[idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]]
-    return MetaTensor(out[None], affine=torch.as_tensor(a_in))
+                                    0, p.shape[k + 1] - 1).astype(np.int64)) for k in range(3)]
+    out = p[:, idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]]
+    return MetaTensor(out, affine=torch.as_tensor(a_in))
 
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tuple[FinetuneConfig, torch.nn.Module]:

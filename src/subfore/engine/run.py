@@ -267,7 +267,7 @@ class RunFolder:
     SAVED_BYTES = 16 << 20  # top-level files up to this size are kept in memory to be put back
     #: the top-level files a run rewrites (put back after a failure) and the folders it writes into (looked into);
     #: other files and folders that were there stay as they are, even in a run_dir shared with other work ('.')
-    REWRITTEN = ("config.yaml", "metrics.jsonl")
+    REWRITTEN = ("config.yaml", "metrics.jsonl", "init_load.txt", "pretrained_load.txt", "probe_curve.png")
     WRITTEN_INTO = ("checkpoints", "tensorboard", "snapshots", "lightning_logs")
 
     def __init__(self, run_dir: str | Path, keep: Iterable[str | Path | None] = ()) -> None:
@@ -439,6 +439,9 @@ def make_trainer(run_dir: Path, t, callbacks: list, validate: bool) -> pl.Traine
     )
     if isinstance(trainer.strategy, DDPStrategy):
         # The process group's timeout bounds every collective wait, rank 0's side work (the probe) included.
+        # Lightning reads it when the group is made (setup_distributed, at fit), after this.
+        if not hasattr(trainer.strategy, "_timeout"):
+            raise RuntimeError("this Lightning's DDPStrategy has no _timeout; train.timeout_min cannot be applied")
         trainer.strategy._timeout = timedelta(minutes=t.timeout_min)
     # Lightning's SIGTERM handler broadcasts from inside the handler on whichever rank got the signal, which
     # deadlocks DDP (rank 0 in broadcast, the others in a barrier); STOP handles the signals on every rank.

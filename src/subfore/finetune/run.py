@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from ..config import FinetuneConfig, dump_config
 from ..data.brats import resolve_convention
 from ..data.phantoms import ensure_phantoms
+from ..engine.compile import compile_network
 from ..engine.run import MetricsWriter, RunControl, RunFolder, check_run_dir, make_trainer, read_resume
 from ..io import write_text
 from ..errors import SubforeError
@@ -65,6 +66,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None = None, resume: 
         report = load_pretrained(model.net, found, cfg.model.name, cfg.finetune.adapt_in_channels,
                                  cfg.finetune.min_encoder_loaded, architecture=backbone.architecture)
     t = cfg.train
+    compile_network(model.net, t.compile)
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=t.ckpt_every),

@@ -37,20 +37,40 @@ def patch_grid(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return mask.repeat_interleave(factor, 1).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
 
 
+@torch.compiler.disable
+def visible_layout(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each sample's visible tokens go: visible (B, N) bool → (index (B, L) long: each row's position in N,
+    valid (B, L) bool), L = max(1, most visible tokens of a sample).
+
+    Runs outside torch.compile (L is read from the data) and marks L dynamic: a compiled MAE then compiles one
+    graph after this for every L (before: 9 graphs, the ViT's traced again at the second L). Padding L to N instead
+    would compile once but encode every patch, which MAE exists to avoid.
+    """
+    counts = visible.sum(1)
+    length = max(int(counts.max()), 1)
+    # A stable sort of "masked?" puts every sample's visible positions first, in order; the rest are padding.
+    index = torch.argsort((~visible).to(torch.uint8), dim=1, stable=True)[:, :length]
+    valid = torch.arange(length, device=visible.device)[None] < counts[:, None]
+    for t in (index, valid):
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+    return index, valid
+
+
+def gather_at(tokens: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """tokens (B, N, E) at ``index`` (B, L) → (B, L, E), zeros where not ``valid`` (:func:`visible_layout`)."""
+    kept = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+    # Padded rows hold masked patches' embeddings after the gather; zeroed, no gradient reaches those inputs.
+    return torch.where(valid[..., None], kept, 0.0)
+
+
 def gather_visible(tokens: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The visible tokens of each sample, in their original order, padded to the longest sample.
 
     tokens: (B, N, E); visible: (B, N) bool. Returns (kept (B, L, E) with zeros at padded rows, index (B, L) long:
     each row's position in N, valid (B, L) bool), L = max(1, most visible tokens of a sample).
     """
-    counts = visible.sum(1)
-    length = max(int(counts.max()), 1)
-    # A stable sort of "masked?" puts every sample's visible positions first, in order; the rest are padding.
-    index = torch.argsort((~visible).to(torch.uint8), dim=1, stable=True)[:, :length]
-    valid = torch.arange(length, device=tokens.device)[None] < counts[:, None]
-    kept = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
-    # Padded rows hold masked patches' embeddings after the gather; zeroed, no gradient reaches those inputs.
-    return torch.where(valid[..., None], kept, 0.0), index, valid
+    index, valid = visible_layout(visible)
+    return gather_at(tokens, index, valid), index, valid
 
 
 def key_padding(valid: torch.Tensor) -> torch.Tensor:
@@ -77,8 +97,13 @@ def encode_visible(vit: ViT, x: torch.Tensor, visible: torch.Tensor
     x (B, C, D, H, W), visible (B, N) bool over the ViT's patches in raster order (z, y, x) →
     (encoded (B, L, E), index (B, L), valid (B, L)) as :func:`gather_visible` lays them out.
     """
-    kept, index, valid = gather_visible(vit.patch_embedding(x), visible)
-    return vit.norm(run_blocks(vit.blocks, kept, valid)), index, valid
+    index, valid = visible_layout(visible)
+    return encode_at(vit, x, index, valid), index, valid
+
+
+def encode_at(vit: ViT, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`encode_visible` with the layout given: x (B, C, D, H, W), index/valid (B, L) → encoded (B, L, E)."""
+    return vit.norm(run_blocks(vit.blocks, gather_at(vit.patch_embedding(x), index, valid), valid))
 
 
 class MAEDecoder(nn.Module):
@@ -133,7 +158,9 @@ class MaskedAutoencoder(nn.Module):
         """x (B, C, D, H, W), mask (B, nz, ny, nx) over patches, True = masked → (reconstruction (B, C, D, H, W),
         predicted loss per patch (B, nz, ny, nx) or None)."""
         visible = ~mask.flatten(1)
-        encoded, index, valid = encode_visible(self.vit, x, visible)
+        # The layout first, here: under torch.compile everything after it is one graph, its L dynamic.
+        index, valid = visible_layout(visible)
+        encoded = encode_at(self.vit, x, index, valid)
         patches, loss = self.decoder(encoded, index, valid, visible)
         z, y, w = self.grid
         voxels = rearrange(patches, "b (z y x) (c p q r) -> b c (z p) (y q) (x r)", z=z, y=y, x=w, c=self.channels,

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ..config import PretrainConfig, dump_config
 from ..errors import SubforeError
+from ..engine.compile import compile_network
 from ..engine.run import MetricsWriter, RunControl, RunFolder, autocast_of, check_run_dir, make_trainer, read_resume
 from ..engine.sampling import check_fill
 from ..io import append_jsonl, read_jsonl, write_text
@@ -27,7 +28,8 @@ from .module import MaskedImageModel
 
 class RunArtifacts(Callback):
     """Rank 0 writes snapshots, encoder.pt beside each checkpoint, and the linear probe's Dice (``probe_dice``)
-    every ``probe.every`` steps and at the last step (metrics.jsonl rows come from MetricsWriter)."""
+    every ``probe.every`` steps and at the last step (metrics.jsonl rows come from MetricsWriter); the other ranks
+    wait for it in a barrier at those steps."""
 
     def __init__(self, run_dir: Path, ckpt_every: int, cfg: PretrainConfig | None = None) -> None:
         self.run_dir = run_dir
@@ -54,18 +56,25 @@ class RunArtifacts(Callback):
         plot_curve(metrics, self.run_dir / "probe_curve.png")
 
     def on_train_batch_end(self, trainer, pl_module: MaskedImageModel, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero or not pl_module.stepped:
+        if not pl_module.stepped:
             return
         step = trainer.global_step
-        if pl_module.last_views is not None:
-            save_snapshot(pl_module.last_views, pl_module.masker.size,
-                          self.run_dir / "snapshots" / f"step_{step:06d}.png", step)
-            pl_module.last_views = None
-        if step % self.ckpt_every == 0:
-            pl_module.export_encoder(self.run_dir)
+        views, pl_module.last_views = pl_module.last_views, None  # set on every rank at the same steps
+        export = step % self.ckpt_every == 0
         p = self.cfg.probe if self.cfg is not None else None
-        if p is not None and ((p.every and step % p.every == 0) or step == trainer.max_steps):
-            self._probe_now(trainer, pl_module)
+        probe = p is not None and ((p.every and step % p.every == 0) or step == trainer.max_steps)
+        if views is None and not export and not probe:
+            return
+        if trainer.is_global_zero:
+            if views is not None:
+                save_snapshot(views, pl_module.masker.size, self.run_dir / "snapshots" / f"step_{step:06d}.png", step)
+            if export:
+                pl_module.export_encoder(self.run_dir)
+            if probe:
+                self._probe_now(trainer, pl_module)
+        # Every rank decides the same and waits here for rank 0's side work: a wait bounded by the process group's
+        # timeout (train.timeout_min), here rather than inside the next step's collective.
+        trainer.strategy.barrier("subfore-rank0-side-work")
 
 
 def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
@@ -94,6 +103,8 @@ def pretrain(cfg: PretrainConfig, resume: str | Path | None = None) -> Path:
     # weights supersede the initial ones.
     report = model.init_weights(init) if init is not None else None
     t = cfg.train
+    # The student only: the EMA teacher (a copy made with the module) runs eagerly, under no_grad, once a step.
+    compile_network(model.net, t.compile)
     d = cfg.data
     folder = RunFolder(run_dir, keep=[d.cache_dir, d.phantoms.dir if d.phantoms else None])  # before any write
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
