@@ -141,6 +141,7 @@ def run_train(row: dict, args, run_dir: Path) -> dict:
     import torch._dynamo
     from _common import engine_fit, peak_since_reset, phantom_crops, plain_loop, reset_peak
 
+    from subfore.engine.compile import compile_network
     from subfore.engine.run import MetricsWriter, make_trainer, resolve_precision
     from subfore.pretrain import MaskedImageModel
 
@@ -166,8 +167,9 @@ def run_train(row: dict, args, run_dir: Path) -> dict:
         def trainer(callbacks):
             return make_trainer(run_dir, t, callbacks + [MetricsWriter(run_dir)], validate=False)
 
-        r = engine_fit(MaskedImageModel(cfg), data, t.batch_size, args.warmup, args.steps, device, trainer,
-                       peak_of_timed=True)
+        module = MaskedImageModel(cfg)
+        compile_network(module.net, t.compile)  # as pretrain() does
+        r = engine_fit(module, data, t.batch_size, args.warmup, args.steps, device, trainer, peak_of_timed=True)
     r.update(peak_since_reset(device), allocated_at_row_start_mb=left)
     r.update(precision=precision, batch=t.batch_size, roi=list(cfg.data.roi), model=cfg.model.name,
              steps_asked=args.steps, warmup=args.warmup,
