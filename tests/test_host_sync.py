@@ -206,3 +206,39 @@ def test_two_processes_stop_one_step_after_a_signal_between_logged_steps(phantom
     assert ckpt_step(run_dir(cfg) / "checkpoints" / "last.ckpt") == 5
     lines = error_lines(proc)
     assert len(lines) == 2 and all("stopped by a signal at step 5" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_gradscaler_skips_is_applied_nowhere(fused):
+    """16-mixed: a step whose scaled gradients overflow is skipped by GradScaler; the optimiser reports it as not
+    applied (fused: ``applied`` 0 on the device; not fused: ``step`` never runs), so the EMA teacher, whose lerp
+    weight is (1 − m) × applied, does not move either."""
+    from subfore.engine.module import SkippingAdamW
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = SkippingAdamW(net.parameters(), lr=0.1, fused=fused)
+    scaler = torch.amp.GradScaler("cpu")
+    calls = []
+    opt.register_step_post_hook(lambda *a: calls.append(1))
+
+    def step(x):
+        opt.zero_grad()
+        scaler.scale(net(x).sum()).backward()
+        opt.skip = torch.zeros(())
+        scaler.step(opt)
+        scaler.update()
+
+    step(torch.ones(3, 4))
+    assert len(calls) == 1 and (opt.applied is None or float(opt.applied) == 1.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    state = {k: v.clone() for k, v in opt.state[net.weight].items()}
+    step(torch.full((3, 4), float("inf")))
+    if fused:
+        assert len(calls) == 2 and float(opt.applied) == 0.0
+    else:
+        assert len(calls) == 1  # GradScaler did not call the optimiser: RunModule's post-hook sees no step taken
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in opt.state[net.weight].items():
+        assert torch.equal(v, state[k]), k
