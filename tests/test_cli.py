@@ -92,6 +92,8 @@ def test_debug_shows_the_traceback(tmp_path):
     (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1, "error: out of memory (CUDA out of memory. "
                                                                           "Tried to allocate 2.00 GiB); lower"),
     (KeyboardInterrupt(), 130, "stopped: interrupted (Ctrl-C)"),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 45000ms for recv "
+                  "operation to complete"), 1, "error: a rank waited longer than train.timeout_min for the others ("),
 ])
 def test_every_exception_leaves_the_cli_as_one_line(raised, code, line, tmp_path, monkeypatch, capsys):
     import subfore.api

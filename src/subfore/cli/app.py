@@ -144,6 +144,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if _out_of_memory(exc):
             typer.echo(f"error: out of memory ({_one_line(exc)[:200]}); lower train.batch_size, data.roi or "
                        f"--sw-batch-size, or set model.checkpointing: true", err=True)
+        elif _collective_timeout(exc):
+            typer.echo(f"error: a rank waited longer than train.timeout_min for the others ({_one_line(exc)[:200]}); "
+                       f"raise train.timeout_min if one rank's work (the probe, a save) is that long, else look for "
+                       f"the rank that is slow or gone", err=True)
         else:
             typer.echo(f"error: internal error, a bug in subfore ({type(exc).__name__}: {_one_line(exc)[:300]}); "
                        f"rerun with --debug for the traceback and report it", err=True)
@@ -156,6 +160,13 @@ def _out_of_memory(exc: BaseException) -> bool:
         return True
     return isinstance(exc, RuntimeError) and ("out of memory" in str(exc).lower()
                                               or "can't allocate memory" in str(exc).lower())
+
+
+def _collective_timeout(exc: BaseException) -> bool:
+    """A collective that outlived the process group's timeout (gloo's 'Timed out waiting … for recv')."""
+    return isinstance(exc, RuntimeError) and "timed out" in str(exc).lower() and (
+        type(exc).__name__ == "DistBackendError" or "gloo" in str(exc).lower() or "recv" in str(exc).lower()
+        or "collective" in str(exc).lower())
 
 
 def _old_resume_form(args: list[str]) -> None:
