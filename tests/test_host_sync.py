@@ -104,6 +104,34 @@ def test_one_device_read_per_logged_step(phantom_dir, tmp_path, monkeypatch, str
     assert [r["step"] for r in rows if "loss" in r] == [1, 4, 5]
 
 
+def test_mae_with_exact_count_masks_reads_once_per_logged_step(phantom_dir, tmp_path, monkeypatch):
+    """MAE (UNETR, visible encoding), random masks of ratio 0.75: the visible-token count N − round(ρN) is known on
+    the host, so the step reads nothing (a data-dependent count would be read once per step)."""
+    tree = config(phantom_dir, tmp_path, "random", max_steps=5, log_every=4, ckpt_every=5)
+    tree["model"] = {"name": "unetr", "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4,
+                     "encoding": "visible"}
+    tree["decoder"] = {"width": 32, "depth": 1, "heads": 4}
+    tree["masking"]["ratio"] = 0.75
+    reads = count_reads(monkeypatch, lambda: pretrain(load_config(None, [], base=tree)))
+    assert len(reads) == 3 and all(r.startswith("tolist at module.py") for r in reads), reads
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.75, 0.9])
+def test_the_host_bound_of_visible_tokens_is_the_count_an_exact_random_mask_leaves(ratio):
+    """visible_bound against the masks themselves: every sample leaves exactly that many patches visible."""
+    from types import SimpleNamespace
+
+    from subfore.masking.random import RandomMask
+
+    masker = RandomMask(ratio=ratio)
+    mask = masker.build(torch.zeros(6, 1, 96, 96, 64), (6, 6, 4), torch.Generator().manual_seed(0))
+    patches = mask.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)  # 32³ subvolumes
+    bound = MaskedImageModel.visible_bound(SimpleNamespace(masker=masker), patches, mask)
+    assert bound == (144 - round(144 * ratio)) * 8
+    assert (~patches).flatten(1).sum(1).tolist() == [bound] * 6
+    assert MaskedImageModel.visible_bound(SimpleNamespace(masker=masker), patches, None) == 144 * 8
+
+
 def test_finetuning_reads_once_per_logged_step(phantom_dir, tmp_path, monkeypatch):
     from subfore.finetune import FinetuneConfig, finetune
 

@@ -149,8 +149,9 @@ class RunModule(pl.LightningModule):
     noted in with one process; with several, ranks agree through the flags all-reduced with the skip flag: at a
     logged step that step's, otherwise the previous step's, read without waiting for the current one (the stop
     comes one step later). Without a fused optimiser (16-mixed with grad clipping) the skip is read each step.
-    MAE's visible encoding reads one number per step by design: its longest visible-token count, the ViT's input
-    shape (:func:`~subfore.models.mae.visible_layout`).
+    MAE's visible encoding under masks whose visible count depends on the data (SubFore's foreground, AnatoMask)
+    reads one number per step: its longest visible-token count, the ViT's input shape
+    (:func:`~subfore.models.mae.visible_layout`); under exact-count random masks (MAE's own) it reads nothing.
     """
 
     #: validation metrics written to metrics.jsonl: {logged name: (row key, type)}

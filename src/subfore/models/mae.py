@@ -38,16 +38,18 @@ def patch_grid(mask: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 @torch.compiler.disable
-def visible_layout(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def visible_layout(visible: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each sample's visible tokens go: visible (B, N) bool → (index (B, L) long: each row's position in N,
-    valid (B, L) bool), L = max(1, most visible tokens of a sample).
+    valid (B, L) bool), L = ``length`` or max(1, most visible tokens of a sample).
 
-    Runs outside torch.compile (L is read from the data) and marks L dynamic: a compiled MAE then compiles one
-    graph after this for every L (before: 9 graphs, the ViT's traced again at the second L). Padding L to N instead
-    would compile once but encode every patch, which MAE exists to avoid.
+    length: a bound the caller knows on the host (≥ every sample's visible count: an exact-count mask's N − k),
+    so that nothing waits for the device; None: L is read from the data (one device read). Runs outside
+    torch.compile and marks L dynamic: a compiled MAE then compiles one graph after this for every L (before: 9
+    graphs, the ViT's traced again at the second L). Padding L to N instead would compile once but encode every
+    patch, which MAE exists to avoid.
     """
     counts = visible.sum(1)
-    length = max(int(counts.max()), 1)
+    length = max(int(counts.max()) if length is None else int(length), 1)
     # A stable sort of "masked?" puts every sample's visible positions first, in order; the rest are padding.
     index = torch.argsort((~visible).to(torch.uint8), dim=1, stable=True)[:, :length]
     valid = torch.arange(length, device=visible.device)[None] < counts[:, None]
@@ -154,12 +156,14 @@ class MaskedAutoencoder(nn.Module):
                                   predict_loss)
         freeze_unused(self)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, length: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, C, D, H, W), mask (B, nz, ny, nx) over patches, True = masked → (reconstruction (B, C, D, H, W),
-        predicted loss per patch (B, nz, ny, nx) or None)."""
+        predicted loss per patch (B, nz, ny, nx) or None). length: the visible tokens' bound if known on the host
+        (:func:`visible_layout`)."""
         visible = ~mask.flatten(1)
         # The layout first, here: under torch.compile everything after it is one graph, its L dynamic.
-        index, valid = visible_layout(visible)
+        index, valid = visible_layout(visible, length)
         encoded = encode_at(self.vit, x, index, valid)
         patches, loss = self.decoder(encoded, index, valid, visible)
         z, y, w = self.grid

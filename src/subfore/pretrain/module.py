@@ -15,6 +15,7 @@ from ..engine.module import RunModule, adamw, reduce_sum, tensor_digest, warmup_
 from ..engine.sampling import mix_seed
 from ..masking import (EmptyMaskCounter, Window, apply_mask, foreground_grid, from_config, masked_loss,
                        patch_normalise, random_grid, voxel_error)
+from ..masking.random import RandomMask
 from ..masking.teacher import TeacherGuidedMask, ema_momentum, ranking_loss, spearman
 from ..models.artifact import EncoderMeta, write_encoder
 from ..models.mae import patch_grid
@@ -154,7 +155,7 @@ class MaskedImageModel(RunModule):
             k = self.patches_per_subvolume
             patches = (torch.zeros((x.shape[0], *(s // self.norm_size for s in x.shape[2:])), dtype=torch.bool,
                                    device=x.device) if mask is None else patch_grid(mask, k))
-            pred, loss = net(x, patches)
+            pred, loss = net(x, patches, self.visible_bound(patches, mask))
             if loss is not None and k > 1:
                 loss = F.avg_pool3d(loss[:, None], k, k)[:, 0]
             return pred, loss, None
@@ -162,6 +163,17 @@ class MaskedImageModel(RunModule):
         out = net(x_in)
         loss = self.per_subvolume(out[:, self.channels :]) if self.predicts_loss else None
         return out[:, : self.channels], loss, (None if mask is None else x_in)
+
+    def visible_bound(self, patches: torch.Tensor, mask: torch.Tensor | None) -> int | None:
+        """MAE: the most visible patches a sample of this mask can have, where the host knows it without reading the
+        device (nothing masked: all; an exact-count random mask: N − round(ρ·N) subvolumes' patches); else None."""
+        n = patches[0].numel()
+        if mask is None:
+            return n
+        if isinstance(self.masker, RandomMask) and self.masker.exact:
+            cells = mask[0].numel()
+            return (cells - round(cells * self.masker.ratio)) * (n // cells)
+        return None
 
     def target(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """What the network reconstructs: x itself, or (masking.norm_pix_loss) x normalised per patch, with the
